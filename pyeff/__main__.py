@@ -1,0 +1,3 @@
+from pyeff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""pyeff's ops: each declared once as a torch op (`torch.ops.pyeff.<name>`) with a pure-PyTorch
+reference kernel, compiled CPU/CUDA kernels, a Triton kernel, a fake kernel and autograd."""
+from pyeff.ops.fake_quant import fake_quant, fake_quant_reference
+
+__all__ = ["fake_quant", "fake_quant_reference"]

@@ -1,0 +1,20 @@
+"""Shared test setup. Without a GPU, Triton kernels run under its interpreter on the CPU; the
+variable must be set before triton compiles (decorates) any kernel."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test, seeded from pytest's node id so failures reproduce."""
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    return g
