@@ -113,11 +113,11 @@ if any(cmd in sys.argv for cmd in ("build_ext", "build", "bdist_wheel", "develop
     )
 
 packages = find_packages(include=["pyeff", "pyeff.*"])
-packages += ["pyeff.kernels", "pyeff.hw"]
+packages += ["pyeff.kernels", "pyeff.hw", "pyeff.bench"]
 
 setup(
     packages=packages,
-    package_dir={"pyeff.kernels": "kernels", "pyeff.hw": "hw"},
+    package_dir={"pyeff.kernels": "kernels", "pyeff.hw": "hw", "pyeff.bench": "bench"},
     package_data={"pyeff": ["py.typed"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

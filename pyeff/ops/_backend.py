@@ -54,7 +54,9 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
 def resolve(op: str, device: torch.device, requested: str | None, preference: dict) -> str:
     """The backend to run `op` with. `preference` maps a device type to backends in order of
     measured speed (the benchmarks in bench/ set these)."""
-    choice = requested or os.environ.get(f"PYEFF_BACKEND_{op.upper()}") or os.environ.get("PYEFF_BACKEND")
+    if requested in (None, "", "auto"):  # an explicit backend argument beats the environment
+        requested = os.environ.get(f"PYEFF_BACKEND_{op.upper()}") or os.environ.get("PYEFF_BACKEND")
+    choice = requested
     choice = (choice or "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"pyeff.ops.{op}: unknown backend {choice!r}; expected one of {', '.join(BACKENDS)}")

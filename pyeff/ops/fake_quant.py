@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pyeff import _extension
 from pyeff.ops import _backend
 from pyeff.ops._checks import check_axis, check_bits, check_tensor
 
@@ -154,6 +155,16 @@ def _backward(ctx, grad):
 
 
 _fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
+
+if _extension.loaded():
+    @torch.library.register_fake("pyeff::fake_quant_minmax")
+    def _(x, axis):
+        channels = 1 if axis is None else x.shape[axis]
+        return x.new_empty((2, channels), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    @torch.library.register_fake("pyeff::fake_quant_apply")
+    def _(x, scale, inv_scale, zero_point, qmin, qmax, axis, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Timing and reporting shared by pyeff's benchmarks: medians after warm-up, ratios against a
+baseline measured in the same run, the machine, and JSON + Markdown files per machine kind."""
+import datetime
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str = "cpu") -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_slug(device: str = "cpu") -> str:
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model()
+    name = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*$", "", name)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "unknown"
+
+
+def median_seconds(fn, device: str = "cpu", min_run_time: float = 0.5) -> float:
+    """Median time of one call of `fn`, warm-up excluded."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_run_time * 1000)), return_mode="median") / 1e3
+    fn()  # warm-up (lazy initialisation, caches)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Bytes per second of a large copy, counting bytes read plus bytes written: the ceiling a
+    memory-bound kernel is measured against."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src), device)
+    return 2 * nbytes / t
+
+
+def write_results(name: str, title: str, rows: list, columns: list, meta: dict, out_dir=None,
+                  device: str = "cpu", notes: str = "") -> tuple[Path, Path]:
+    """Write `<name>-<machine>.json` and `.md` under out_dir (default: ./bench/results)."""
+    out = Path(out_dir or os.environ.get("PYEFF_BENCH_OUT", "bench/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{machine_slug(device)}"
+    payload = {"benchmark": name, "machine": machine(device), **meta, "rows": rows}
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, json_path)
+    lines = [f"# {title}", ""]
+    m = payload["machine"]
+    lines.append(f"Machine: {m.get('gpu', m['cpu'])}; {m['threads']} CPU threads; torch {m['torch']}; {m['date']}.")
+    for k, v in meta.items():
+        lines.append(f"{k}: {v}.")
+    if notes:
+        lines += ["", notes]
+    lines += ["", markdown_table(rows, columns)]
+    tmp = md_path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, md_path)
+    return json_path, md_path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list, columns: list) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
