@@ -24,7 +24,7 @@ if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2
   tail -40 "$OUT/build.log"; echo "gpu_check: build failed"; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
-$PY -m pyeff info | tee "$OUT/info.txt"
+$PY -m pyeff.info | tee "$OUT/info.txt"
 
 status=0
 if [ -n "$SELECT" ]; then
@@ -32,5 +32,7 @@ if [ -n "$SELECT" ]; then
 else
   $PY -m pytest -q -ra tests/test_build.py tests/test_fake_quant.py 2>&1 | tee "$OUT/tests.log" || status=1
 fi
-$PY -m pyeff bench --device cuda --out "$OUT" 2>&1 | tail -30 | tee "$OUT/bench.log" || status=1
+for b in $($PY -c "from pyeff.bench import BENCHMARKS; print(*BENCHMARKS)"); do
+  $PY -m "pyeff.bench.$b" --device cuda --out "$OUT" 2>&1 | tail -30 | tee -a "$OUT/bench.log" || status=1
+done
 exit $status
