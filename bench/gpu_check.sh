@@ -33,6 +33,6 @@ else
   $PY -m pytest -q -ra tests/test_build.py tests/test_fake_quant.py 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 for b in $($PY -c "from pyeff.bench import BENCHMARKS; print(*BENCHMARKS)"); do
-  $PY -m "pyeff.bench.$b" --device cuda --out "$OUT" 2>&1 | tail -30 | tee -a "$OUT/bench.log" || status=1
+  $PY -m "pyeff.bench.$b" --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
 done
 exit $status

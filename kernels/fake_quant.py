@@ -46,7 +46,7 @@ def _fmix32(h):
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would otherwise become a constant
 def _apply_kernel(x_ptr, y_ptr, scale_ptr, inv_ptr, zp_ptr, n, C, inner, qmin, qmax, seed,
                   STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -35,20 +35,22 @@ _M32 = 0xFFFFFFFF
 
 def quant_params(minmax: Tensor, bits: int, scheme: str):
     """(scale, inv_scale, zero_point, qmin, qmax) from a [2, C] tensor of minima and maxima.
-    Shared by every backend so that they all quantise with identical parameters."""
+    Shared by every backend so that they all quantise with identical parameters. Divisions are
+    tensor by tensor: CUDA divides by a Python scalar as a multiplication by its reciprocal,
+    which differs from the CPU in the last bit."""
     lo, hi = minmax[0], minmax[1]
     tiny = torch.finfo(minmax.dtype).tiny
     if scheme == "asym":
         qmin, qmax = 0, (1 << bits) - 1
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = (hi - lo) / qmax
+        scale = (hi - lo) / torch.full_like(lo, qmax)
     else:
         qmax = (1 << (bits - 1)) - 1
         qmin = -qmax
-        scale = torch.maximum(-lo, hi) / qmax
+        scale = torch.maximum(-lo, hi) / torch.full_like(lo, qmax)
     # an all-zero tensor has no range: any positive scale reproduces it exactly
     scale = torch.where(scale == 0, torch.ones_like(scale), scale.clamp(min=tiny))
-    inv_scale = 1.0 / scale
+    inv_scale = torch.ones_like(scale) / scale
     if scheme == "asym":
         zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
     else:
