@@ -32,8 +32,8 @@ def main(argv=None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # user-facing errors: say what is wrong without a traceback
+    except (ValueError, FileNotFoundError) as exc:
+        # bad input from the user: say what is wrong without a traceback (bugs keep theirs)
         print(f"pyeff {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
