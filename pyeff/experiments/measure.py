@@ -1,0 +1,83 @@
+"""Measurements shared by the experiments: parameters, FLOPs (FlopCounterMode), latency
+(torch.utils.benchmark), and the machine the numbers came from."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model, input_shape, device="cpu") -> int:
+    """Forward FLOPs of one call on a zero input of `input_shape` (FlopCounterMode counts a
+    multiply-add as 2 FLOPs). Pass a batch of 1 for FLOPs per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(*input_shape, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def inference_latency(model, input_shape, device="cpu", min_run_time=1.0, threads=None) -> dict:
+    """Median wall time of model(x) in eval mode under no_grad, via
+    torch.utils.benchmark.Timer.blocked_autorange (which warms up and repeats).
+
+    Returns {"batch_ms", "per_image_ms", "images_per_s", "threads", "batch"}.
+    """
+    from torch.utils import benchmark
+
+    threads = threads or torch.get_num_threads()
+    was_training = model.training
+    model.eval()
+    x = torch.randn(*input_shape, device=device)
+
+    def run():
+        with torch.no_grad():
+            out = model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return out
+
+    run()  # warm-up (allocations, lazy init)
+    m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads).blocked_autorange(
+        min_run_time=min_run_time)
+    model.train(was_training)
+    batch = input_shape[0]
+    return {"batch_ms": 1e3 * m.median, "per_image_ms": 1e3 * m.median / batch,
+            "images_per_s": batch / m.median, "threads": threads, "batch": batch}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        from pyeff import __version__, _extension
+        info["pyeff"] = __version__
+        info["pyeff_extension"] = "loaded" if _extension.loaded() else "not loaded"
+    except Exception:  # noqa: BLE001  (the report must not fail on a half-built package)
+        pass
+    return info

@@ -1,0 +1,103 @@
+"""torch.distributed plumbing for the shared loop: read torchrun's environment, start the process
+group (gloo on CPU, nccl on CUDA), reduce metrics, gather per-rank objects.
+
+`pyeff train` works unchanged under `torchrun --nproc_per_node=N`; a single process (no
+WORLD_SIZE in the environment, or WORLD_SIZE=1) never touches torch.distributed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """Rank, world size and local rank as torchrun (or an initialised process group) sets them."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise ValueError(f"bad RANK/WORLD_SIZE/LOCAL_RANK in the environment: {exc}") from None
+    return DistInfo(rank, world, local)
+
+
+def setup(device_type: str) -> tuple[DistInfo, bool]:
+    """Start the process group when launched with WORLD_SIZE > 1.
+
+    Returns (info, started_here): the caller should call `teardown()` only if it started it.
+    """
+    info = env_info()
+    if not info.enabled or dist.is_initialized():
+        return info, False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ValueError(f"WORLD_SIZE={info.world_size} but {var} is not set; launch with "
+                               "`torchrun --nproc_per_node=N -m pyeff train ...`")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    return info, True
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values, device) -> list:
+    """Sum a list of floats over ranks (identity on one process). float64 keeps counts exact."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if is_active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is True on any rank (keeps collective calls in lock-step)."""
+    if not is_active():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] on one process)."""
+    if not is_active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if is_active():
+        dist.barrier()

@@ -1,0 +1,131 @@
+"""The experiment registry, `pyeff reproduce`, its Markdown report, and a tiny baseline run."""
+import json
+import os
+
+import pytest
+
+import pyeff.experiments as ex
+from pyeff.experiments import markdown_table, register_experiment, run_experiments
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry so test experiments do not leak into others."""
+    ex.discover()  # the real experiments register in the real registry first
+    monkeypatch.setattr(ex, "_REGISTRY", dict(ex._REGISTRY))
+    return ex._REGISTRY
+
+
+def _plot(path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], [1, 0])
+    fig.savefig(path)
+
+
+def test_registry_lists_baseline_and_rejects_unknown(registry):
+    assert "baseline" in [e.name for e in ex.list_experiments()]
+    with pytest.raises(ValueError, match="unknown experiment 'nope'.*known experiments:.*baseline"):
+        ex.get_experiment("nope")
+    with pytest.raises(ValueError, match="no spaces|without spaces"):
+        register_experiment("a b", "x")
+
+
+def test_duplicate_names_are_refused(registry):
+    @register_experiment("dup-test", "first")
+    def one(out_dir, quick, data_dir=None, seed=0):
+        return {}
+
+    register_experiment("dup-test", "same function again")(one)  # re-import is fine
+
+    def other(out_dir, quick, data_dir=None, seed=0):
+        return {}
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_experiment("dup-test", "second")(other)
+
+
+def test_report_has_tables_plots_machine_and_failures(tmp_path, registry):
+    seen = {}
+
+    @register_experiment("toy", "A toy experiment with a table and a plot")
+    def toy(out_dir, quick, data_dir=None, seed=0, *, scale=1):
+        seen.update(out_dir=out_dir, quick=quick, seed=seed, scale=scale)
+        _plot(os.path.join(out_dir, "toy.png"))
+        return {"summary": {"accuracy (%)": 91.25 * scale, "params": 1234567},
+                "table": [{"method": "dense", "acc": 0.9}, {"method": "ours", "acc": 0.95}],
+                "tables": [{"title": "Extra", "rows": [{"k": "v|w"}]}],
+                "plots": ["toy.png"], "notes": "Some *notes*."}
+
+    @register_experiment("broken", "Always fails")
+    def broken(out_dir, quick, data_dir=None, seed=0):
+        raise RuntimeError("boom")
+
+    res = run_experiments(["toy", "broken"], str(tmp_path), quick=True, seed=3,
+                          overrides=None, command="pyeff reproduce toy broken")
+    assert seen == {"out_dir": str(tmp_path / "toy"), "quick": True, "seed": 3, "scale": 1}
+    assert res["failed"] == ["broken"]
+    md = (tmp_path / "report.md").read_text()
+    for text in ("# pyeff reproduce report", "## Machine", "torch threads", "## toy",
+                 "A toy experiment", "| accuracy (%) | 91.25 |", "| params | 1,234,567 |",
+                 "| method | acc |", "| dense | 0.9 |", "**Extra**", "v\\|w",
+                 "![toy: toy.png](toy/toy.png)", "Some *notes*.", "## broken",
+                 "**Failed:** RuntimeError: boom", "total wall time", "FAILED", "mode: **quick**"):
+        assert text in md, text
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["experiments"]["toy"]["summary"]["params"] == 1234567
+    assert "cpu" in results["machine"] and results["experiments"]["toy"]["wall_time_s"] >= 0
+
+
+def test_overrides_are_checked(tmp_path, registry):
+    @register_experiment("toy2", "takes scale")
+    def toy2(out_dir, quick, data_dir=None, seed=0, *, scale=1):
+        return {"summary": {"scale": scale}}
+
+    assert run_experiments(["toy2"], str(tmp_path), overrides={"scale": 4})["results"]["toy2"][
+        "summary"] == {"scale": 4}
+    res = run_experiments(["toy2"], str(tmp_path), overrides={"colour": 1})
+    assert res["failed"] == ["toy2"] and "takes: scale" in res["results"]["toy2"]["error"]
+
+
+def test_markdown_table():
+    md = markdown_table([{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}])
+    assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | 0.5 |  |",
+                               "| 2 |  | x |"]
+
+
+def test_cli_unknown_experiment_and_list(capsys):
+    from pyeff.cli import main
+
+    assert main(["reproduce", "no-such-experiment"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'no-such-experiment'" in err and "baseline" in err
+    assert main(["reproduce", "--list"]) == 0
+    assert "baseline" in capsys.readouterr().out
+    assert main(["reproduce", "baseline", "--set", "noequals"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_baseline_quick_tiny(tmp_path, capsys):
+    from pyeff.cli import main
+
+    out = tmp_path / "rep"
+    rc = main(["reproduce", "baseline", "--quick", "--out", str(out), "--set", "dataset='digits'",
+               "--set", "epochs=1", "--set", "train_subset=96", "--set", "test_subset=48",
+               "--set", "batch_size=32", "--set", "latency_batch=4", "--set",
+               "latency_time=0.05", "--set", "device='cpu'"])
+    assert rc == 0, capsys.readouterr().err
+    assert "report:" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    for text in ("## baseline", "test accuracy (%)", "parameters", "MFLOPs per image",
+                 "latency per image", "training time (s)", "baseline/train/curves.png",
+                 "| epoch | train loss |"):
+        assert text in md, text
+    assert (out / "baseline" / "train" / "curves.png").exists()
+    s = json.loads((out / "results.json").read_text())["experiments"]["baseline"]["summary"]
+    assert s["parameters"] > 250_000  # resnet20: ~0.27M
+    # resnet20 on 8x8 digits: ~1/16 of its 32x32 cost (~41 MFLOPs multiply-adds x2)
+    assert 2 < s["MFLOPs per image (forward)"] < 20
+    assert s["inference images/s"] > 0 and 0 <= s["test accuracy (%)"] <= 100
