@@ -67,6 +67,7 @@ def plot_curves(history, path, title: str | None = None) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     del plt  # only the object API is used: no global state, safe in threads
     ep = [r["epoch"] for r in history]
@@ -85,6 +86,7 @@ def plot_curves(history, path, title: str | None = None) -> str:
     axes[2].plot(ep, series("lr"), marker="o", ms=3, color="tab:green")
     axes[2].set_title("learning rate")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
