@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tbench
 
 
 def cpu_model() -> str:
@@ -45,6 +44,8 @@ def median_seconds(fn, device: str = "cpu", min_run_time: float = 0.5) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_run_time * 1000)), return_mode="median") / 1e3
+    import torch.utils.benchmark as tbench  # imported here: it drags in cpp_extension and its warnings
+
     fn()  # warm-up (lazy initialisation, caches)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
