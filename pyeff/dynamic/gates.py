@@ -1,0 +1,98 @@
+"""Gates that make per-sample execution decisions, with hard decisions forward and a
+straight-through gradient backward.
+
+- `RecurrentGate`: the SkipNet/DFS gate shared by all blocks: per block, average-pool the feature
+  map, a 1x1 conv to an embedding, one LSTM cell carried from block to block, a linear head with
+  one logit per choice. Block i's output decides block i+1.
+- `ChannelGate`: per block, pool + a small MLP + sigmoid, thresholded to a channel mask (DDI).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """`hard` in the forward pass, the gradient of `soft` in the backward pass."""
+    return hard - soft.detach() + soft
+
+
+@dataclass
+class GateOutput:
+    decisions: Tensor  # [N] int64 choice per sample
+    weights: Tensor    # [N, K] one-hot forward, straight-through softmax backward
+    probs: Tensor      # [N, K] softmax
+
+
+class RecurrentGate(nn.Module):
+    """One gate shared by `len(channels)` blocks, choosing among `num_choices` paths.
+
+    Call `reset()` before each batch, then `gate(feature_map, block_index)` in block order.
+    Decisions are the argmax (deterministic) in eval mode; in training, `mode="argmax"` keeps the
+    argmax (DFS, SkipNet's hybrid training) and `mode="sample"` draws from the softmax.
+    `bias` initialises the head's bias, e.g. to favour full execution at the start.
+    """
+
+    def __init__(self, channels: Sequence[int], num_choices: int, embed_dim: int = 10,
+                 hidden_dim: int = 10, mode: str = "argmax", bias: Sequence[float] | None = None):
+        super().__init__()
+        if num_choices < 2:
+            raise ValueError(f"a gate needs at least 2 choices, got {num_choices}")
+        if mode not in ("argmax", "sample"):
+            raise ValueError(f"mode must be 'argmax' or 'sample', got {mode!r}")
+        self.num_choices, self.mode = num_choices, mode
+        self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in channels)
+        self.cell = nn.LSTMCell(embed_dim, hidden_dim)
+        self.head = nn.Linear(hidden_dim, num_choices)
+        if bias is not None:
+            if len(bias) != num_choices:
+                raise ValueError(f"bias needs {num_choices} values, got {len(bias)}")
+            with torch.no_grad():
+                self.head.bias.copy_(torch.as_tensor(bias, dtype=self.head.bias.dtype))
+        self._state = None
+
+    def reset(self) -> None:
+        self._state = None
+
+    def forward(self, feature: Tensor, block: int) -> GateOutput:
+        if feature.dim() != 4:
+            raise ValueError(f"the gate expects a feature map [N, C, H, W], got shape {tuple(feature.shape)}")
+        if not 0 <= block < len(self.proj):
+            raise IndexError(f"block {block} out of range for a gate over {len(self.proj)} blocks")
+        e = self.proj[block](F.adaptive_avg_pool2d(feature, 1)).flatten(1)
+        if self._state is not None and self._state[0].shape[0] != e.shape[0]:
+            raise RuntimeError("batch size changed between blocks: call gate.reset() before each batch")
+        h, c = self.cell(e, self._state)
+        self._state = (h, c)
+        logits = self.head(h)
+        probs = logits.softmax(dim=1)
+        if self.training and self.mode == "sample":
+            decisions = torch.multinomial(probs.detach(), 1).squeeze(1)
+        else:
+            decisions = probs.argmax(dim=1)
+        hard = F.one_hot(decisions, self.num_choices).to(probs.dtype)
+        return GateOutput(decisions, straight_through(hard, probs), probs)
+
+
+class ChannelGate(nn.Module):
+    """Per-sample output-channel mask for one block: pool, Linear-ReLU-Linear, sigmoid, then a
+    hard threshold with a straight-through gradient. Returns ([N, C] float mask, [N, C] bool)."""
+
+    def __init__(self, in_channels: int, out_channels: int, reduction: int = 4, threshold: float = 0.5,
+                 init_open: float = 3.0):
+        super().__init__()
+        hidden = max(4, in_channels // reduction)
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, out_channels)
+        self.threshold = threshold
+        with torch.no_grad():  # start with every channel open
+            self.fc2.bias.fill_(init_open)
+
+    def forward(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(feature, 1).flatten(1)))))
+        keep = s > self.threshold
+        return straight_through(keep.to(s.dtype), s), keep

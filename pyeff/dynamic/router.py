@@ -1,0 +1,77 @@
+"""Run each sample of a batch down only the path its gate chose.
+
+`route` groups the batch by decision, runs each non-empty group's path once on the gathered
+samples and scatters the results back. An empty group costs nothing; when one group holds the
+whole batch its path runs on the batch itself, with no gather and no scatter.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+def group_indices(decisions: Tensor, num_choices: int) -> list[Tensor | None]:
+    """Per choice, the indices of the samples that took it (None when none did), with one pass
+    over the decisions and one device-to-host transfer of the counts."""
+    if decisions.dim() != 1:
+        raise ValueError(f"decisions must be a 1-D tensor of choice indices, got shape {tuple(decisions.shape)}")
+    order = torch.argsort(decisions, stable=True)
+    counts = torch.bincount(decisions, minlength=num_choices)
+    if counts.numel() > num_choices:
+        raise ValueError(f"a decision is >= num_choices={num_choices}")
+    groups, start = [], 0
+    for k, c in enumerate(counts.tolist()):
+        groups.append(order[start:start + c] if c else None)
+        start += c
+    return groups
+
+
+def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tensor]] | Mapping[int, Callable],
+          weights: Tensor | None = None) -> Tensor:
+    """out[i] = paths[decisions[i]](x[i:i+1]) computed group by group.
+
+    Args:
+        x: the batch, [N, ...].
+        decisions: [N] integer choice per sample.
+        paths: one callable per choice mapping a sub-batch [n, ...] to [n, ...] outputs (all
+            paths must produce the same trailing shape and dtype).
+        weights: optional [N, K] gate values (hard one-hot with a straight-through gradient): each
+            sample's output is multiplied by its chosen entry, which is 1 in the forward pass and
+            carries the gate's gradient back through the path that ran.
+    """
+    n = x.shape[0]
+    if decisions.shape != (n,):
+        raise ValueError(f"decisions must have shape ({n},) for a batch of {n}, got {tuple(decisions.shape)}")
+    num_choices = len(paths)
+    groups = group_indices(decisions.to(torch.int64), num_choices)
+    active = [k for k, g in enumerate(groups) if g is not None]
+    if len(active) == 1:  # the whole batch took one path
+        k = active[0]
+        out = paths[k](x)
+        return out if weights is None else out * _expand(weights[:, k], out)
+    out = None
+    for k in active:
+        idx = groups[k]
+        part = paths[k](x.index_select(0, idx))
+        if weights is not None:
+            part = part * _expand(weights.index_select(0, idx)[:, k], part)
+        if out is None:
+            out = part.new_empty((n,) + part.shape[1:])
+        out.index_copy_(0, idx, part)  # autograd records the in-place copy; no batch-sized temporaries
+    return out
+
+
+def _expand(w: Tensor, like: Tensor) -> Tensor:
+    return w.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+
+
+def masked_all_paths(x: Tensor, decisions: Tensor, paths: Sequence[Callable], weights: Tensor | None = None) -> Tensor:
+    """The papers' execution: every path on every sample, then a one-hot mask. The reference that
+    `route` must equal for the same decisions (and the baseline that benchmarks beat)."""
+    one_hot = torch.nn.functional.one_hot(decisions.to(torch.int64), len(paths)).to(x.dtype)
+    if weights is not None:
+        one_hot = weights.to(x.dtype)
+    outs = [p(x) for p in paths]
+    return sum(_expand(one_hot[:, k], o) * o for k, o in enumerate(outs))

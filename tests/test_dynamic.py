@@ -1,0 +1,122 @@
+"""The dynamic-execution core: routing equals the all-paths-then-mask execution, gradients reach
+the gates, empty groups cost nothing, and the cost meter and hinge behave."""
+import pytest
+import torch
+from torch import nn
+
+from pyeff.dynamic import (ChannelGate, CostMeter, RecurrentGate, bit_cost, group_indices,
+                           hinge_cost_loss, masked_all_paths, route)
+
+
+def _paths(c, rng):
+    convs = [nn.Conv2d(c, c, 3, padding=1) for _ in range(3)]
+    for conv in convs:
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=rng) * 0.1)
+    return [lambda x: x * 0, convs[0], lambda x: convs[1](x).relu(), convs[2]]
+
+
+def test_group_indices(rng):
+    d = torch.randint(0, 4, (37,), generator=rng)
+    groups = group_indices(d, 6)
+    assert len(groups) == 6 and groups[4] is None and groups[5] is None
+    seen = torch.cat([g for g in groups if g is not None]).sort().values
+    assert torch.equal(seen, torch.arange(37))
+    for k, g in enumerate(groups):
+        if g is not None:
+            assert (d[g] == k).all()
+
+
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_route_equals_all_paths_then_mask(n, rng):
+    paths = _paths(6, rng)
+    x = torch.randn(n, 6, 7, 5, generator=rng)
+    d = torch.randint(0, len(paths), (n,), generator=rng)
+    torch.testing.assert_close(route(x, d, paths), masked_all_paths(x, d, paths))
+
+
+def test_route_single_group_runs_on_the_batch_itself(rng):
+    x = torch.randn(8, 3, generator=rng)
+    seen = []
+
+    def path(t):
+        seen.append(t)
+        return t * 2
+
+    out = route(x, torch.full((8,), 1), [lambda t: pytest.fail("empty group ran"), path])
+    assert seen[0] is x  # no gather
+    torch.testing.assert_close(out, x * 2)
+
+
+def test_gradients_flow_to_inputs_paths_and_gate(rng):
+    paths = _paths(4, rng)
+    gate = RecurrentGate([4], num_choices=len(paths))
+    x = torch.randn(9, 4, 6, 6, generator=rng, requires_grad=True)
+    gate.reset()
+    g = gate(x, 0)
+    out = route(x, g.decisions, paths, weights=g.weights)
+    ref = masked_all_paths(x, g.decisions, paths, weights=g.weights)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert gate.head.weight.grad is not None and gate.head.weight.grad.abs().sum() > 0
+    for k in set(g.decisions.tolist()) & {1, 3}:  # the conv paths that ran got gradients
+        assert paths[k].weight.grad is not None and paths[k].weight.grad.abs().sum() > 0
+    for k in {1, 3} - set(g.decisions.tolist()):  # and the ones that did not, none
+        assert paths[k].weight.grad is None
+
+
+def test_recurrent_gate_is_deterministic_in_eval_and_carries_state(rng):
+    gate = RecurrentGate([8, 8, 16], num_choices=3, bias=[0.0, 0.0, 5.0]).eval()
+    f1, f2 = torch.randn(4, 8, 5, 5, generator=rng), torch.randn(4, 16, 3, 3, generator=rng)
+    outs = []
+    for _ in range(2):
+        gate.reset()
+        a = gate(f1, 0)
+        b = gate(f1, 1)
+        c = gate(f2, 2)
+        outs.append(torch.stack([a.decisions, b.decisions, c.decisions]))
+        assert (a.weights.sum(1) == 1).all() and ((a.weights == 0) | (a.weights == 1)).all()
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0] == 2).float().mean() > 0.5  # the bias favours choice 2
+    gate.reset()
+    gate(f1, 0)
+    with pytest.raises(RuntimeError, match="reset"):
+        gate(f1[:2], 1)
+
+
+def test_channel_gate_mask_and_gradient(rng):
+    cg = ChannelGate(8, 12)
+    f = torch.randn(5, 8, 4, 4, generator=rng)
+    soft, keep = cg(f)
+    assert soft.shape == keep.shape == (5, 12) and keep.dtype == torch.bool
+    assert keep.all()  # opens everything at initialisation
+    torch.testing.assert_close(soft, keep.float())
+    soft.sum().backward()
+    assert cg.fc2.weight.grad.abs().sum() > 0
+
+
+def test_cost_meter_and_hinge():
+    assert bit_cost(None) == 0 and bit_cost(32) == 1 and bit_cost(8) == pytest.approx(1 / 16)
+    m = CostMeter()
+    w = torch.tensor([[0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    costs = torch.tensor([bit_cost(8), bit_cost(32)])
+    m.add(w @ costs)
+    m.add(torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(m.fraction(), torch.tensor([(1 + 1) / 2, (1 / 16) / 2]))
+    assert m.percentage() == pytest.approx(100 * (1 + 1 / 32) / 2)
+    above = hinge_cost_loss(m.fraction(), 0.25, beta=1.0)
+    below = hinge_cost_loss(m.fraction(), 0.9, beta=1.0)
+    assert above.item() > 0 > below.item()
+    above.backward()
+    assert w.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fraction"):
+        hinge_cost_loss(m.fraction(), 25, beta=1.0)
+
+
+def test_bad_decisions():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="shape"):
+        route(x, torch.zeros(3, dtype=torch.long), [lambda t: t, lambda t: t])
+    with pytest.raises(ValueError, match="num_choices"):
+        route(x, torch.tensor([0, 1, 2, 1]), [lambda t: t, lambda t: t])
