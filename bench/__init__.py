@@ -5,7 +5,7 @@ Each module has `run(quick, device, out_dir) -> rows` and runs alone with
 benchmark and machine."""
 import importlib
 
-BENCHMARKS = ["fake_quant"]
+BENCHMARKS = ["fake_quant", "quant_conv"]
 
 
 def register(subparsers):

@@ -1,0 +1,294 @@
+// CPU kernels of pyeff.ops.quant_conv2d: quantise straight to uint8 digits in channels_last
+// layout, im2col of those digits into int8 GEMM columns (never in float), and the fused
+// dequantising epilogue. The int8 products themselves run in oneDNN (onednn::qconv2d_pointwise,
+// AMX / AVX512-VNNI) or at::_int_mm, called from pyeff/ops/quant_conv.py.
+// Built with -ffp-contract=off: the rounding matches fake_quant_apply bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
+#define PYEFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYEFF_CLONES
+#endif
+
+namespace pyeff {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// quantise: q = clamp(floor(x * inv + zp + 0.5), 0, qmax), written as base-256 digits
+
+template <typename T>
+inline void levels(const T* __restrict__ x, int32_t* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    T v = std::floor(x[i] * inv + zp + T(0.5));
+    v = std::min(std::max(v, T(0)), qmax);
+    q[i] = static_cast<int32_t>(v);
+  }
+}
+
+PYEFF_CLONES void levels_f32(const float* __restrict__ x, int32_t* __restrict__ q, int64_t n, float inv,
+                             float zp, float qmax) {
+  levels<float>(x, q, n, inv, zp, qmax);
+}
+
+// rows of an NCHW image (channel stride `cstride`) at positions [p0, p0 + len) -> channels_last
+// digits: levels per channel into a small [C][kTile] tile, then a byte transpose per slice.
+constexpr int64_t kTile = 32;
+
+template <typename T>
+void quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_t C, int64_t len, int slices,
+                        T inv, T zp, T qmax, int32_t* tile) {
+  for (int64_t c = 0; c < C; ++c) {
+    if constexpr (std::is_same_v<T, float>)
+      levels_f32(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
+    else
+      levels<T>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
+  }
+  for (int s = 0; s < slices; ++s) {
+    uint8_t* o = out[s];
+    const int shift = 8 * s;
+    for (int64_t p = 0; p < len; ++p) {
+      const int32_t* t = tile + p;
+      uint8_t* op = o + p * C;
+      for (int64_t c = 0; c < C; ++c) op[c] = static_cast<uint8_t>(t[c * kTile] >> shift);
+    }
+  }
+}
+
+// channels_last source: element order already matches
+template <typename T>
+void quantize_run_nhwc(const T* x, uint8_t* const* out, int64_t n, int slices, T inv, T zp, T qmax) {
+  constexpr int64_t kChunk = 1024;
+  int32_t buf[kChunk];
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - i0);
+    if constexpr (std::is_same_v<T, float>)
+      levels_f32(x + i0, buf, len, inv, zp, qmax);
+    else
+      levels<T>(x + i0, buf, len, inv, zp, qmax);
+    for (int s = 0; s < slices; ++s) {
+      uint8_t* o = out[s] + i0;
+      const int shift = 8 * s;
+      for (int64_t i = 0; i < len; ++i) o[i] = static_cast<uint8_t>((buf[i] >> shift) & 255);
+    }
+  }
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& inv_scale, const at::Tensor& zero_point,
+                        int64_t qmax, int64_t slices) {
+  TORCH_CHECK(x_in.device().is_cpu(), "pyeff::quant_conv_quantize (CPU kernel): x must be on the CPU");
+  TORCH_CHECK(x_in.dim() == 4, "pyeff::quant_conv_quantize: x must be 4-D [N, C, H, W]");
+  TORCH_CHECK(slices >= 1 && slices <= 2 && qmax >= 1 && qmax < (int64_t{1} << (8 * slices)),
+              "pyeff::quant_conv_quantize: qmax ", qmax, " does not fit ", slices, " byte slice(s)");
+  const bool is_double = x_in.scalar_type() == at::kDouble;
+  const auto compute = is_double ? at::kDouble : at::kFloat;
+  const bool cl = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  at::Tensor x = x_in.to(compute).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  at::Tensor out = at::empty({slices, N, H, W, C}, x.options().dtype(at::kByte)).permute({0, 1, 4, 2, 3});
+  if (x.numel() == 0) return out;
+  uint8_t* base = out.data_ptr<uint8_t>();
+  const int64_t per_slice = N * C * HW;
+  const double inv_d = inv_scale.to(at::kCPU, at::kDouble).item<double>();
+  const double zp_d = zero_point.to(at::kCPU, at::kDouble).item<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "quant_conv_quantize", [&] {
+    const scalar_t inv = static_cast<scalar_t>(inv_d), zp = static_cast<scalar_t>(zp_d);
+    const scalar_t qm = static_cast<scalar_t>(qmax);
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    if (cl) {
+      const int64_t total = N * HW * C;
+      at::parallel_for(0, total, 1 << 14, [&](int64_t b, int64_t e) {
+        uint8_t* o[2] = {base + b, base + per_slice + b};
+        quantize_run_nhwc<scalar_t>(px + b, o, e - b, int(slices), inv, zp, qm);
+      });
+    } else {
+      // parallel over (image, tile of positions)
+      const int64_t tiles = (HW + kTile - 1) / kTile;
+      at::parallel_for(0, N * tiles, std::max<int64_t>(1, 2048 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+        std::vector<int32_t> tile(static_cast<size_t>(C) * kTile);
+        for (int64_t it = b; it < e; ++it) {
+          const int64_t n = it / tiles, p0 = (it % tiles) * kTile, len = std::min<int64_t>(kTile, HW - p0);
+          uint8_t* o[2] = {base + (n * HW + p0) * C, base + per_slice + (n * HW + p0) * C};
+          quantize_tile_nchw<scalar_t>(px + n * C * HW + p0, HW, o, C, len, int(slices), inv, zp, qm, tile.data());
+        }
+      });
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col of the digits: int8 columns, value u - 128 (u ^ 0x80)
+
+at::Tensor im2col_cpu(const at::Tensor& digits, at::IntArrayRef pad_digits, at::IntArrayRef kernel,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      int64_t k_pad) {
+  TORCH_CHECK(digits.device().is_cpu() && digits.scalar_type() == at::kByte && digits.dim() == 5,
+              "pyeff::quant_conv_im2col (CPU kernel): digits must be uint8 [S, N, C, H, W] on the CPU");
+  const int64_t S = digits.size(0), N = digits.size(1), C = digits.size(2), H = digits.size(3), W = digits.size(4);
+  TORCH_CHECK(static_cast<int64_t>(pad_digits.size()) == S && kernel.size() == 2 && stride.size() == 2 &&
+                  padding.size() == 2 && dilation.size() == 2 && groups >= 1 && C % groups == 0,
+              "pyeff::quant_conv_im2col: bad arguments");
+  // [S, N, H, W, C] contiguous
+  at::Tensor d = digits.permute({0, 1, 3, 4, 2}).contiguous();
+  const int64_t KH = kernel[0], KW = kernel[1];
+  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "pyeff::quant_conv_im2col: empty output");
+  const int64_t Cg = C / groups, Kd = Cg * KH * KW, M = N * OH * OW;
+  TORCH_CHECK(k_pad >= Kd, "pyeff::quant_conv_im2col: k_pad ", k_pad, " < ", Kd);
+  at::Tensor cols = at::empty({groups, S * M, k_pad}, digits.options().dtype(at::kChar));
+  const uint8_t* pd = d.data_ptr<uint8_t>();
+  int8_t* pc = cols.data_ptr<int8_t>();
+  const int64_t rows = groups * S * M;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / k_pad), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t g = r / (S * M), j = (r / M) % S, m = r % M;
+      const int64_t n = m / (OH * OW), oh = (m / OW) % OH, ow = m % OW;
+      const int8_t fill = static_cast<int8_t>(static_cast<uint8_t>(pad_digits[j]) ^ 0x80);
+      int8_t* out = pc + r * k_pad;
+      const uint8_t* img = pd + ((j * N + n) * H * W) * C + g * Cg;
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const int64_t ih = oh * stride[0] - padding[0] + kh * dilation[0];
+        for (int64_t kw = 0; kw < KW; ++kw, out += Cg) {
+          const int64_t iw = ow * stride[1] - padding[1] + kw * dilation[1];
+          if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+            std::memset(out, fill, Cg);
+          } else {
+            const uint8_t* src = img + (ih * W + iw) * C;
+            for (int64_t c = 0; c < Cg; ++c) out[c] = static_cast<int8_t>(src[c] ^ 0x80);
+          }
+        }
+      }
+      std::memset(out, 0, k_pad - Kd);
+    }
+  });
+  return cols;
+}
+
+// ---------------------------------------------------------------------------------------------
+// epilogue: exact integer combination of the slices in float64, then scale and bias
+
+template <typename acc_t>
+PYEFF_CLONES void add_row(double* __restrict__ v, const acc_t* __restrict__ a, const double* __restrict__ corr,
+                          int64_t n, double f) {
+  for (int64_t i = 0; i < n; ++i) v[i] += f * (static_cast<double>(a[i]) + corr[i]);
+}
+
+template <typename acc_t, typename out_t>
+void epilogue_impl(const std::vector<at::Tensor>& acc, const double* corr, int64_t S_a, int64_t G, int64_t S_w,
+                   const double* rowsum, double a_scale, const double* w_scale, const double* bias, out_t* out,
+                   int64_t M, int64_t K) {
+  const int64_t Kg = K / G, cols = S_w * Kg;
+  std::vector<const acc_t*> ptr(acc.size());
+  std::vector<int64_t> ld(acc.size());
+  for (size_t i = 0; i < acc.size(); ++i) {
+    ptr[i] = acc[i].data_ptr<acc_t>();
+    ld[i] = acc[i].stride(0);
+  }
+  std::vector<double> fac(K);
+  for (int64_t k = 0; k < K; ++k) fac[k] = a_scale * w_scale[k];
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    std::vector<double> v(Kg);
+    for (int64_t m = b; m < e; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        std::fill(v.begin(), v.end(), 0.0);
+        const double ones_sum = rowsum ? 128.0 * rowsum[m * G + g] : 0.0;
+        for (int64_t j = 0; j < S_a; ++j) {
+          const acc_t* row = ptr[j * G + g] + m * ld[j * G + g];
+          const double* crow = corr + j * G * cols + g * cols;
+          for (int64_t l = 0; l < S_w; ++l)
+            add_row<acc_t>(v.data(), row + l * Kg, crow + l * Kg, Kg, std::ldexp(1.0, int(8 * (j + l))));
+        }
+        out_t* o = out + m * K + g * Kg;
+        const double* f = fac.data() + g * Kg;
+        for (int64_t k = 0; k < Kg; ++k) {
+          double r = (v[k] + ones_sum) * f[k];
+          if (bias) r += bias[g * Kg + k];
+          o[k] = static_cast<out_t>(r);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor epilogue_cpu(at::TensorList acc_in, const at::Tensor& corr_in, int64_t slices_w,
+                        const std::optional<at::Tensor>& rowsum_in, double a_scale,
+                        const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
+                        at::IntArrayRef out_shape, at::ScalarType out_dtype) {
+  TORCH_CHECK(out_shape.size() == 4, "pyeff::quant_conv_epilogue: out_shape must be [N, K, OH, OW]");
+  const int64_t N = out_shape[0], K = out_shape[1], OH = out_shape[2], OW = out_shape[3], M = N * OH * OW;
+  TORCH_CHECK(corr_in.dim() == 2, "pyeff::quant_conv_epilogue: corr must be [S_a, G*cols]");
+  const int64_t S_a = corr_in.size(0);
+  TORCH_CHECK(S_a >= 1 && static_cast<int64_t>(acc_in.size()) % S_a == 0,
+              "pyeff::quant_conv_epilogue: acc must hold S_a * G tensors");
+  const int64_t G = acc_in.size() / S_a;
+  TORCH_CHECK(K % G == 0, "pyeff::quant_conv_epilogue: K not divisible by groups");
+  const int64_t cols = slices_w * (K / G);
+  TORCH_CHECK(corr_in.size(1) == G * cols, "pyeff::quant_conv_epilogue: corr has ", corr_in.size(1),
+              " columns, expected ", G * cols);
+  std::vector<at::Tensor> acc;
+  const auto acc_type = acc_in[0].scalar_type();
+  TORCH_CHECK(acc_type == at::kInt || acc_type == at::kFloat, "pyeff::quant_conv_epilogue: acc must be int32 or float32");
+  for (const auto& a : acc_in) {
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == acc_type && a.dim() == 2 && a.size(0) == M &&
+                    a.size(1) >= cols,
+                "pyeff::quant_conv_epilogue: each acc must be [M, >= cols] of one dtype");
+    acc.push_back(a.stride(1) == 1 ? a : a.contiguous());
+  }
+  at::Tensor corr = corr_in.to(at::kCPU, at::kDouble).contiguous();
+  at::Tensor w_scale = w_scale_in.to(at::kCPU, at::kDouble).contiguous();
+  TORCH_CHECK(w_scale.numel() == K, "pyeff::quant_conv_epilogue: w_scale needs K values");
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kCPU, at::kDouble).contiguous();
+    TORCH_CHECK(bias.numel() == K, "pyeff::quant_conv_epilogue: bias needs K values");
+  }
+  at::Tensor rowsum;
+  if (rowsum_in.has_value()) {
+    rowsum = rowsum_in->to(at::kCPU, at::kDouble).contiguous();
+    TORCH_CHECK(rowsum.numel() == M * G, "pyeff::quant_conv_epilogue: rowsum must be [M, G]");
+  }
+  const double* prs = rowsum.defined() ? rowsum.data_ptr<double>() : nullptr;
+  const auto write_type = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({N, OH, OW, K}, corr_in.options().device(at::kCPU).dtype(write_type));
+  if (M > 0 && K > 0) {
+    const double* pb = bias.defined() ? bias.data_ptr<double>() : nullptr;
+    AT_DISPATCH_SWITCH(acc_type, "quant_conv_epilogue",
+      AT_DISPATCH_CASE(at::kInt, [&] {
+        if (write_type == at::kDouble)
+          epilogue_impl<int32_t, double>(acc, corr.data_ptr<double>(), S_a, G, slices_w, prs, a_scale,
+                                         w_scale.data_ptr<double>(), pb, out.data_ptr<double>(), M, K);
+        else
+          epilogue_impl<int32_t, float>(acc, corr.data_ptr<double>(), S_a, G, slices_w, prs, a_scale,
+                                        w_scale.data_ptr<double>(), pb, out.data_ptr<float>(), M, K);
+      })
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        if (write_type == at::kDouble)
+          epilogue_impl<float, double>(acc, corr.data_ptr<double>(), S_a, G, slices_w, prs, a_scale,
+                                       w_scale.data_ptr<double>(), pb, out.data_ptr<double>(), M, K);
+        else
+          epilogue_impl<float, float>(acc, corr.data_ptr<double>(), S_a, G, slices_w, prs, a_scale,
+                                      w_scale.data_ptr<double>(), pb, out.data_ptr<float>(), M, K);
+      }));
+  }
+  out = out.permute({0, 3, 1, 2});
+  return out_dtype == write_type ? out : out.to(out_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyeff, CPU, m) {
+  m.impl("quant_conv_quantize", &quantize_cpu);
+  m.impl("quant_conv_im2col", &im2col_cpu);
+  m.impl("quant_conv_epilogue", &epilogue_cpu);
+}
+
+}  // namespace pyeff

@@ -1,0 +1,249 @@
+"""pyeff.ops.quant_conv2d / quant_linear: every backend and CPU route against the float64
+reference on fresh random inputs, the integer slicing, straight-through gradients, opcheck,
+torch.compile and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyeff.ops import fake_quant, quant_conv2d, quant_conv2d_reference, quant_linear
+from pyeff.ops import _backend
+from pyeff.ops import quant_conv as qc
+from conftest import requires_cuda
+
+# (N, C, K, H, W, kernel, stride, padding, dilation, groups)
+SHAPES = [(2, 3, 5, 9, 7, 3, 1, 1, 1, 1), (3, 6, 9, 11, 10, 3, 2, 1, 1, 3), (2, 5, 7, 9, 9, 3, 1, 2, 2, 1),
+          (1, 16, 16, 8, 8, 3, 1, 1, 1, 1), (2, 4, 6, 6, 5, (1, 3), (2, 1), (0, 1), 1, 2), (4, 7, 3, 5, 5, 1, 1, 0, 1, 1)]
+BITS = [(8, 8), (4, 4), (2, 4), (4, 2), (9, 12), (12, 9), (16, 16), (8, 16), (16, 8)]
+
+
+def _native_ok():
+    return _backend.available("native", torch.device("cpu"))[0] and qc.native_ops_built()
+
+
+def _case(shape, rng, dtype=torch.float32, device="cpu"):
+    N, C, K, H, W, k, s, p, d, g = shape
+    kh, kw = (k, k) if isinstance(k, int) else k
+    scale = float(torch.empty(()).uniform_(0.1, 10, generator=rng))
+    shift = float(torch.empty(()).uniform_(-2, 2, generator=rng))
+    x = (torch.randn(N, C, H, W, generator=rng, dtype=torch.float64) * scale + shift).to(device, dtype)
+    w = torch.randn(K, C // g, kh, kw, generator=rng, dtype=torch.float64).to(device, dtype)
+    b = torch.randn(K, generator=rng, dtype=torch.float64).to(device, dtype)
+    return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def _ref(x, w, b, kw, wb, ab):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return quant_conv2d_reference(x, w, b, pair(kw["stride"]), pair(kw["padding"]), pair(kw["dilation"]),
+                                  kw["groups"], wb, ab)
+
+
+def test_native_available():
+    assert _native_ok(), "pyeff._C lacks the quant_conv kernels"
+
+
+@pytest.mark.parametrize("route", ["auto", "gemm"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_native_cpu_matches_reference(shape, route, rng, monkeypatch):
+    monkeypatch.setenv(qc.CPU_PATH_ENV, route)
+    for wb, ab in BITS:
+        for dtype in (torch.float32, torch.float64):
+            x, w, b, kw = _case(shape, rng, dtype)
+            got = quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab, backend="native")
+            ref = _ref(x, w, b, kw, wb, ab)
+            assert got.dtype == dtype and got.shape == ref.shape
+            torch.testing.assert_close(got, ref, msg=lambda m: f"{wb}/{ab} bits {dtype} {route}: {m}")
+
+
+def test_cpu_routes_are_all_exercised(rng, monkeypatch):
+    seen = []
+    orig = qc._cpu_path
+    monkeypatch.setattr(qc, "_cpu_path", lambda *a: seen.append(orig(*a)) or seen[-1])
+    x, w, b, kw = _case(SHAPES[3], rng)
+    for wb, ab in ((8, 8), (16, 16)):
+        torch.testing.assert_close(quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab), _ref(x, w, b, kw, wb, ab))
+    # a long reduction with 16-bit weights exceeds float32's exact range: the int32 GEMM route
+    xw, ww = torch.randn(2, 256, 4, 4, generator=rng), torch.randn(8, 256, 3, 3, generator=rng)
+    kw1 = dict(stride=1, padding=1, dilation=1, groups=1)
+    torch.testing.assert_close(quant_conv2d(xw, ww, None, padding=1, w_bits=16, a_bits=16),
+                               _ref(xw, ww, None, kw1, 16, 16))
+    if qc.cpu_has_int8_dot():
+        assert seen == ["direct", "sliced", "gemm"]
+
+
+def test_half_and_bfloat16(rng):
+    for dtype in (torch.bfloat16, torch.float16):
+        x, w, b, kw = _case(SHAPES[0], rng, dtype)
+        got = quant_conv2d(x, w, b, **kw, w_bits=6, a_bits=7)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, _ref(x, w, b, kw, 6, 7))
+
+
+def test_triton_interpreted_matches_reference(rng):
+    if not _backend.available("triton", torch.device("cpu"))[0]:
+        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1")
+    for shape, (wb, ab) in zip(SHAPES[:3], [(8, 8), (16, 16), (12, 3)]):
+        x, w, b, kw = _case(shape, rng)
+        got = quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab, backend="triton")
+        torch.testing.assert_close(got, _ref(x, w, b, kw, wb, ab))
+
+
+def test_reference_is_the_float_conv_of_fake_quant(rng):
+    # independent definition: F.conv2d of pyeff.ops.fake_quant's outputs (float64 input, so exact)
+    x, w, b, kw = _case(SHAPES[1], rng, torch.float64)
+    ref = _ref(x, w, b, kw, 5, 6)
+    alt = F.conv2d(fake_quant(x, 6), fake_quant(w, 5, scheme="sym", axis=0), b, **kw)
+    torch.testing.assert_close(ref, alt)
+
+
+def test_weight_digits_are_exact(rng):
+    for bits in (2, 8, 9, 12, 15, 16):
+        qmax = (1 << (bits - 1)) - 1
+        wq = torch.randint(-qmax, qmax + 1, (6, 2, 3, 3), generator=rng)
+        wq[0, 0, 0, 0], wq[1, 0, 0, 0] = qmax, -qmax
+        stack, S_w, offset = qc.weight_digits(wq, bits, 2)
+        assert stack.dtype == torch.int8
+        d = stack.to(torch.int64).reshape(2, S_w, 3, 2, 3, 3)
+        back = sum(d[:, l] * 256 ** l for l in range(S_w)).reshape(6, 2, 3, 3) + 128 * offset
+        assert torch.equal(back, wq)
+
+
+def test_linear_matches_reference(rng):
+    for wb, ab in ((8, 8), (16, 12), (3, 5)):
+        x = torch.randn(3, 5, 17, generator=rng) * 4
+        w, b = torch.randn(11, 17, generator=rng), torch.randn(11, generator=rng)
+        got = quant_linear(x, w, b, w_bits=wb, a_bits=ab)
+        ref = quant_conv2d_reference(x.reshape(-1, 17, 1, 1), w.view(11, 17, 1, 1), b, [1, 1], [0, 0], [1, 1], 1,
+                                     wb, ab).reshape(3, 5, 11)
+        assert got.shape == (3, 5, 11)
+        torch.testing.assert_close(got, ref)
+        alt = F.linear(fake_quant(x.double(), ab), fake_quant(w.double(), wb, scheme="sym", axis=0), b.double())
+        torch.testing.assert_close(got.double(), alt, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_cache_follows_in_place_updates(rng):
+    x, w, b, kw = _case(SHAPES[0], rng)
+    first = quant_conv2d(x, w, b, **kw)
+    with torch.no_grad():
+        w.mul_(-2)
+    torch.testing.assert_close(quant_conv2d(x, w, b, **kw), _ref(x, w, b, kw, 8, 8))
+    assert not torch.equal(first, quant_conv2d(x, w, b, **kw))
+
+
+# ---- autograd, opcheck, compile ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_straight_through_gradients(backend, rng):
+    x, w, b, kw = _case(SHAPES[1], rng, torch.float64)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    out = quant_conv2d(x, w, b, **kw, w_bits=5, a_bits=6, backend=backend)
+    g = torch.randn(out.shape, generator=rng, dtype=torch.float64)
+    gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
+    # the definition: autograd of F.conv2d on the (straight-through) fake-quantised operands
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(fake_quant(x2, 6), fake_quant(w2, 5, scheme="sym", axis=0), b2, **kw)
+    ex, ew, eb = torch.autograd.grad(ref, (x2, w2, b2), g)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)
+    torch.testing.assert_close(gb, eb)
+
+
+def test_gradcheck_bias_and_surrounding_ops(rng):
+    # the op is linear in the bias and, with the straight-through backward, in a downstream scale
+    x, w, b, kw = _case(SHAPES[0], rng, torch.float64)
+    b.requires_grad_()
+    scale = torch.randn(5, 1, 1, generator=rng, dtype=torch.float64, requires_grad=True)
+    for backend in ("reference", "native"):
+        assert torch.autograd.gradcheck(
+            lambda b, s: quant_conv2d(x, w, b, **kw, w_bits=6, a_bits=6, backend=backend) * s, (b, scale))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_opcheck(backend, rng):
+    x, w, b, kw = _case(SHAPES[1], rng)
+    args = (x, w, b, [2, 2], [1, 1], [1, 1], 3, 8, 8, backend)
+    torch.library.opcheck(torch.ops.pyeff.quant_conv2d.default, args)
+    torch.library.opcheck(torch.ops.pyeff.quant_conv2d.default, (x, w, None, [1, 1], [0, 0], [1, 1], 3, 16, 9, backend))
+
+
+def test_opcheck_kernels(rng):
+    x = torch.randn(2, 4, 5, 6, generator=rng)
+    inv, zp = torch.tensor([20.0]), torch.tensor([100.0])
+    torch.library.opcheck(torch.ops.pyeff.quant_conv_quantize.default, (x, inv, zp, 1023, 2))
+    d = torch.ops.pyeff.quant_conv_quantize(x, inv, zp, 1023, 2)
+    torch.library.opcheck(torch.ops.pyeff.quant_conv_im2col.default, (d, [3, 0], [3, 3], [1, 1], [1, 1], [1, 1], 2, 20))
+    acc = [torch.randint(-99, 99, (2 * 5 * 6, 6), dtype=torch.int32, generator=rng) for _ in range(4)]
+    corr = torch.randn(2, 12, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyeff.quant_conv_epilogue.default,
+                          (acc, corr, 2, None, 0.5, torch.rand(6), torch.randn(6), [2, 6, 5, 6], torch.float32))
+
+
+def test_torch_compile_fullgraph(rng):
+    x, w, b, kw = _case(SHAPES[0], rng)
+
+    def f(x):
+        return quant_conv2d(x * 2, w, b, **kw, w_bits=4, a_bits=8).relu()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+def test_empty_batch():
+    out = quant_conv2d(torch.empty(0, 3, 5, 5), torch.randn(4, 3, 3, 3))
+    assert out.shape == (0, 4, 3, 3)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,exc,text", [
+    (dict(w_bits=0), ValueError, "w_bits=0"), (dict(a_bits=17), ValueError, "a_bits=17"),
+    (dict(w_bits=17), ValueError, "w_bits=17"), (dict(a_bits=0), ValueError, "a_bits=0"),
+    (dict(w_bits=4.5), TypeError, "integer"), (dict(a_bits=True), TypeError, "integer"),
+    (dict(w_bits=1), ValueError, "only the level 0"), (dict(a_bits="8"), TypeError, "integer")])
+def test_bad_bits(kw, exc, text):
+    with pytest.raises(exc, match=text):
+        quant_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), **kw)
+    with pytest.raises(exc, match=text):
+        quant_linear(torch.randn(2, 3), torch.randn(4, 3), **kw)
+
+
+def test_bad_inputs():
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="4-D.*unsqueeze"):
+        quant_conv2d(x[0], w)
+    with pytest.raises(ValueError, match="4 channels but weight expects 2"):
+        quant_conv2d(x, torch.randn(6, 2, 3, 3))
+    with pytest.raises(ValueError, match="not divisible by groups=4"):
+        quant_conv2d(x, torch.randn(6, 1, 3, 3), groups=4)
+    with pytest.raises(TypeError, match="dtype int64"):
+        quant_conv2d(x.long(), w)
+    with pytest.raises(TypeError, match="must match"):
+        quant_conv2d(x, w.double())
+    with pytest.raises(ValueError, match="bias has 5 values"):
+        quant_conv2d(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        quant_conv2d(torch.randn(1, 4, 2, 2), w)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        quant_conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="'same' is not supported"):
+        quant_conv2d(x, w, padding="same")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quant_conv2d(x.clone().index_fill_(0, torch.tensor([1]), float("nan")), w)
+    with pytest.raises(ValueError, match="unknown backend"):
+        quant_conv2d(x, w, backend="fpga")
+    with pytest.raises(ValueError, match="5 features but weight expects 3"):
+        quant_linear(torch.randn(2, 5), torch.randn(4, 3))
+    if torch.device("meta") is not None:
+        with pytest.raises(ValueError, match="one device"):
+            quant_conv2d(x, w.to("meta"))
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_cuda_matches_reference(backend, rng):
+    for shape in SHAPES:
+        for wb, ab in BITS:
+            x, w, b, kw = _case(shape, rng, device="cuda")
+            got = quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab, backend=backend)
+            torch.testing.assert_close(got.cpu(), _ref(x.cpu(), w.cpu(), b.cpu(), kw, wb, ab))
