@@ -14,6 +14,10 @@
 
 #include "../common.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
 #define PYEFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -24,6 +28,23 @@ namespace pyeff {
 namespace {
 
 constexpr int kLanes = 16;
+
+// A fresh output tensor whose large pages are asked to be 2 MiB huge pages where the kernel allows
+// it (transparent huge pages in "madvise" mode): first-touch page faults of a large fresh buffer
+// otherwise cost more than the rounding pass itself (64 MiB: ~30 ms of faults vs ~19 ms of work).
+at::Tensor empty_output_like(const at::Tensor& x) {
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const size_t nbytes = y.nbytes();
+  if (nbytes >= 4 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(y.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(y.data_ptr()) + nbytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+  }
+#endif
+  return y;
+}
 constexpr int64_t kGrain = 1 << 15;
 
 // ---------------------------------------------------------------------------------------------
@@ -268,7 +289,7 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
               " values (one per channel), got ", scale.numel(), ", ", inv.numel(), ", ", zp.numel());
   const bool stochastic = seed.has_value();
   const uint32_t s = stochastic ? static_cast<uint32_t>(*seed & 0xFFFFFFFF) : 0u;
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
   if (x.numel() == 0) return y.to(x_in.scalar_type());
 
   if (is_double) {
