@@ -1,0 +1,284 @@
+"""A DFS block: one residual block that runs, per sample, either its shortcut alone (skip, 0 bits),
+its residual branch quantised to b bits (weights and activations, pyeff's integer engine), or its
+float residual branch (32 bits).
+
+    out = shortcut(x)                          choice 0 (skip)
+    out = post(residual_b(x), shortcut(x))     choice b: the block's convs at b bits, BN/ReLU float
+    out = post(residual(x), shortcut(x))       choice 32: the float block
+
+`post` is the block's own combination: ReLU(r + s) for post-activation blocks (pyeff's BasicBlock,
+torchvision's BasicBlock and Bottleneck), r + s for pre-activation blocks. The shortcut (identity,
+or its 1x1 projection) stays float in every path.
+
+Execution
+---------
+* eval: only the chosen path per sample (`pyeff.dynamic.route`: grouped by decision, an empty
+  group costs nothing). Quantised paths run `pyeff.ops.quant_conv2d` (int8 GEMMs, 9-16 bits as
+  int8 slices).
+* training, `train_mode="all"` (the paper's): every path on every sample, masked by the gate's
+  straight-through one-hot (`pyeff.dynamic.masked_all_paths`); every choice's logit gets the
+  gradient of its own path's output. Quantised paths are fake-quantised (STE) float convs here.
+* training, `train_mode="routed"`: only the chosen path per sample; the gate's gradient reaches
+  the chosen choice's logit through its path's output (and every logit through the cost term).
+  Cheaper (about the cost of the chosen paths instead of all of them), but a choice that is never
+  taken only learns from the cost term.
+
+Activation ranges
+-----------------
+As in the paper, activations are quantised over a range that is, in training, the batch mean of
+the per-sample min/max of the conv's input (inputs clipped to it), tracked as a running average
+(`act_range`, one per conv) for evaluation. pyeff's engine quantises over the min-max of its call's
+input, so an eval call clips the group to the running range and appends one calibration row
+holding the range's ends: the quantiser then sees exactly the running range whatever the group
+holds, and a sample's output does not depend on which other samples share its path (grouped ==
+masked execution). A conv that has never observed data (`act_range` NaN) falls back to the
+per-call min-max of the engine; `DFSNet.calibrate` fills the ranges without training.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pyeff.dynamic import masked_all_paths, route
+from pyeff.ops import fake_quant
+from pyeff.ops.quant_conv import quant_conv2d
+
+FULL = 32
+TRAIN_MODES = ("all", "routed")
+
+
+def check_bits(bits) -> tuple[int, ...]:
+    """Validate a DFS bit set: integers, 0 = skip, 2..16 = quantised, 32 = full precision; at least
+    two distinct choices, not skip alone. Returns them sorted ascending."""
+    try:
+        items = list(bits)
+    except TypeError:
+        raise TypeError(f"pyeff.dfs: bits must be a sequence of integers such as (0, 8, 16, 32), got {bits!r}") from None
+    for b in items:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            raise TypeError(f"pyeff.dfs: every bit width must be an integer (0 = skip, 2-16, 32 = full "
+                            f"precision), got {b!r} in {tuple(items)}")
+    items = [int(b) for b in items]
+    bad = [b for b in items if not (b == 0 or b == FULL or 2 <= b <= 16)]
+    if bad:
+        raise ValueError(f"pyeff.dfs: bit widths {bad} are not supported; use 0 (skip), 2-16 (the integer "
+                         "engine, 9-16 as int8 slices) or 32 (full precision)")
+    dup = sorted({b for b in items if items.count(b) > 1})
+    if dup:
+        raise ValueError(f"pyeff.dfs: duplicate bit widths {dup} in {tuple(items)}")
+    if len(items) < 2:
+        raise ValueError(f"pyeff.dfs: a gate needs at least two choices, got {tuple(items)} "
+                         "(e.g. (0, 32) for skip-or-full, or (0, 8, 16, 32))")
+    return tuple(sorted(items))
+
+
+# --------------------------------------------------------------------------------------------
+# block kinds: the residual branch as a function of a conv runner, the shortcut, the combination
+
+def _basic_residual(b, x, conv):  # pyeff BasicBlock, torchvision BasicBlock
+    return b.bn2(conv(1, b.conv2, F.relu(b.bn1(conv(0, b.conv1, x)))))
+
+
+def _preact_residual(b, x, conv):  # pyeff PreActBlock
+    return conv(1, b.conv2, F.relu(b.bn2(conv(0, b.conv1, F.relu(b.bn1(x))))))
+
+
+def _bottleneck_residual(b, x, conv):  # torchvision Bottleneck
+    out = F.relu(b.bn1(conv(0, b.conv1, x)))
+    out = F.relu(b.bn2(conv(1, b.conv2, out)))
+    return b.bn3(conv(2, b.conv3, out))
+
+
+def _relu_add(r, s):
+    return F.relu(r + s)
+
+
+def _add(r, s):
+    return r + s
+
+
+def block_kind(block: nn.Module):
+    """(residual_fn, shortcut_fn, post_fn, number of convs) for a supported residual block, or
+    None when `block` is not one."""
+    from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
+
+    if isinstance(block, BasicBlock):
+        return _basic_residual, (lambda b, x: b.shortcut(x)), _relu_add, 2
+    if isinstance(block, PreActBlock):
+        return _preact_residual, (lambda b, x: b.shortcut(x)), _add, 2
+    try:
+        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
+    except ImportError:  # torchvision is optional
+        return None
+    tv_short = (lambda b, x: x if b.downsample is None else b.downsample(x))
+    if isinstance(block, TVBasic):
+        return _basic_residual, tv_short, _relu_add, 2
+    if isinstance(block, TVBottleneck):
+        return _bottleneck_residual, tv_short, _relu_add, 3
+    return None
+
+
+class _Controller:
+    """What the blocks of one DFSNet share during a forward: the gate, the cost meter, the
+    decisions made so far and optional forced decisions. Held by plain reference (not a module)."""
+
+    def __init__(self, gate, costs: Tensor):
+        self.gate, self.costs = gate, costs
+        self.training = False
+        self.observe = False        # record activation ranges (training, calibration)
+        self.momentum: float | None = 0.1  # None: cumulative average (calibration)
+        self.forced: Tensor | None = None  # [N, G] or [G] choice indices
+        self.execution = "routed"   # eval: "routed" (only the chosen path) or "masked" (all, then mask)
+        self.reset()
+
+    def reset(self):
+        self.gate.reset()
+        self.block_costs: list[Tensor] = []
+        self.decisions: list[Tensor] = []
+
+
+class DFSBlock(nn.Module):
+    """Wraps a residual block (kept as `self.block`, parameters shared) with a choice per bit width.
+
+    Args:
+        block: a pyeff BasicBlock / PreActBlock or a torchvision BasicBlock / Bottleneck.
+        bits: the choices (validated by `check_bits`), e.g. (0, 8, 10, 12, 14, 16, 32).
+        index: this block's position among the gated blocks (the gate's step).
+        train_mode: "all" (paper-exact) or "routed" (see the module docstring).
+    """
+
+    def __init__(self, block: nn.Module, bits: Sequence[int], index: int = 0, train_mode: str = "all"):
+        super().__init__()
+        kind = block_kind(block)
+        if kind is None:
+            raise TypeError(f"pyeff.dfs: {type(block).__name__} is not a supported residual block "
+                            "(pyeff BasicBlock/PreActBlock, torchvision BasicBlock/Bottleneck)")
+        if train_mode not in TRAIN_MODES:
+            raise ValueError(f"pyeff.dfs: train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+        self.block = block
+        self.bits = check_bits(bits)
+        self.index, self.train_mode = index, train_mode
+        self._residual, self._shortcut, self._post, nconv = kind
+        self.register_buffer("act_range", torch.full((nconv, 2), float("nan")))
+        self.register_buffer("act_count", torch.zeros(nconv, dtype=torch.int64))
+        self._ctl: _Controller | None = None
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, bits={self.bits}, train_mode={self.train_mode!r}"
+
+    @property
+    def in_channels(self) -> int:
+        return self.block.conv1.in_channels
+
+    # -- activation ranges --------------------------------------------------------------------
+    def _observe(self, i: int, x: Tensor, momentum) -> tuple[float, float]:
+        """Batch mean of per-sample min / max of x; folds it into the running range of conv i."""
+        with torch.no_grad():
+            flat = x.detach().reshape(x.shape[0], -1)
+            lo, hi = (float(v) for v in torch.stack([flat.amin(1).mean(), flat.amax(1).mean()]).tolist())
+            r, c = self.act_range[i], self.act_count[i]
+            if int(c) == 0:
+                r.copy_(torch.tensor([lo, hi]))
+            else:
+                m = 1.0 / (int(c) + 1) if momentum is None else momentum
+                r.mul_(1 - m).add_(torch.tensor([lo, hi], dtype=r.dtype), alpha=m)
+            c.add_(1)
+        return lo, hi
+
+    def _quant_eval(self, i: int, conv: nn.Conv2d, x: Tensor, b: int) -> Tensor:
+        lo, hi = self.act_range[i].tolist()
+        kw = dict(w_bits=b, a_bits=b)
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if lo != lo:  # never observed: the engine's per-call min-max
+            return quant_conv2d(x, conv.weight, conv.bias, *args, **kw)
+        n = x.shape[0]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        buf = torch.empty((n + 1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+        torch.clamp(x, lo, hi, out=buf[:n])
+        cal = buf[n]  # the calibration row: zeros (the engine's range always holds 0) and both ends
+        cal.zero_()
+        flat_idx = [(0, 0, 0), (0, 0, 1) if cal.shape[2] > 1 else (0, 1, 0) if cal.shape[1] > 1 else (1, 0, 0)]
+        if max(cal.shape) < 2:
+            raise RuntimeError("pyeff.dfs: a 1x1x1 feature map cannot carry a calibration range")
+        cal[flat_idx[0]], cal[flat_idx[1]] = lo, hi
+        return quant_conv2d(buf, conv.weight, conv.bias, *args, **kw)[:n]
+
+    # -- the paths ----------------------------------------------------------------------------
+    def _conv_runner(self, bits: int, impl: str) -> Callable:
+        ctl = self._ctl
+        observe = ctl is not None and ctl.observe
+        momentum = ctl.momentum if ctl is not None else 0.1
+
+        def conv(i, m, x):
+            if bits == FULL:
+                if observe:
+                    self._observe(i, x, momentum)
+                return m(x)
+            if impl == "engine":
+                if observe:
+                    self._observe(i, x, momentum)
+                    return quant_conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
+                                        w_bits=bits, a_bits=bits)
+                return self._quant_eval(i, m, x, bits)
+            # "fake": fake-quantised float conv with straight-through gradients (training)
+            if observe:
+                lo, hi = self._observe(i, x, momentum)
+            else:
+                lo, hi = self.act_range[i].tolist()
+            if lo == lo:
+                x = x.clamp(lo, hi)
+            xq = fake_quant(x, bits)
+            wq = fake_quant(m.weight, bits, scheme="sym", axis=0)
+            return F.conv2d(xq, wq, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        return conv
+
+    def residual(self, x: Tensor, bits: int, impl: str = "engine") -> Tensor:
+        """The residual branch at `bits` (32: float). impl: "engine" (integer arithmetic) or
+        "fake" (fake-quantised float, straight-through; what training uses)."""
+        return self._residual(self.block, x, self._conv_runner(bits, impl))
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return self._shortcut(self.block, x)
+
+    def paths(self, impl: str = "engine", shortcut: Tensor | None = None) -> list[Callable]:
+        """One callable per choice mapping a (sub-)batch to this block's output. With `shortcut`
+        given (the shortcut of the whole batch), the paths reuse it: for masked execution only."""
+        def make(b):
+            def path(x):
+                s = shortcut if shortcut is not None else self.shortcut(x)
+                if b == 0:
+                    return s
+                return self._post(self.residual(x, b, impl), s)
+            return path
+        return [make(b) for b in self.bits]
+
+    def execute(self, x: Tensor, decisions: Tensor, weights: Tensor | None = None, training: bool = False,
+                execution: str = "routed") -> Tensor:
+        """Run the block for per-sample `decisions` ([N] choice indices)."""
+        if training:
+            if self.train_mode == "all":
+                return masked_all_paths(x, decisions, self.paths("fake", self.shortcut(x)), weights)
+            return route(x, decisions, self.paths("fake"), weights)
+        if execution == "masked":
+            return masked_all_paths(x, decisions, self.paths("engine", self.shortcut(x)), weights)
+        return route(x, decisions, self.paths("engine"), weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctl = self._ctl
+        if ctl is None:
+            raise RuntimeError("a DFSBlock runs inside its DFSNet (pyeff.dfs.convert); call the DFSNet")
+        g = ctl.gate(x, self.index)
+        decisions, weights = g.decisions, g.weights
+        if ctl.forced is not None:
+            f = ctl.forced
+            decisions = (f[:, self.index] if f.dim() == 2 else f[self.index].expand(x.shape[0])).to(x.device)
+            weights = F.one_hot(decisions, len(self.bits)).to(weights.dtype) - g.probs.detach() + g.probs
+        ctl.decisions.append(decisions)
+        ctl.block_costs.append(weights @ ctl.costs.to(weights.dtype))
+        use_w = weights if (ctl.training and torch.is_grad_enabled()) else None
+        return self.execute(x, decisions, use_w, ctl.training, ctl.execution)
