@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "pyeff.train.cli",
     "reproduce": "pyeff.experiments",
     "bench": "pyeff.bench",
+    "dfs": "pyeff.dfs.cli",
 }
 
 

@@ -1,0 +1,122 @@
+"""DFS ResNet-38 inference (eval, batch 128) at a ~25% computation setting against the dense float32
+ResNet-38 and against the reference-style execution (every candidate path on every sample, then
+the one-hot mask, quantised paths fake-quantised in float32, as the paper's code runs).
+
+    python bench/dfs.py [--quick]            (or: pyeff bench -k dfs)
+
+The decisions are fixed per sample and block (drawn once, seeded, from a distribution over the
+choices whose mean bit-product cost is ~25%): what is measured is execution speed, not what a
+trained gate would pick. The gate still runs in every DFS timing (its cost is real).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from pyeff.bench import harness
+from pyeff.dfs import convert
+from pyeff.dynamic import masked_all_paths
+from pyeff.models import create_model
+
+BITS = (0, 4, 8, 16, 32)
+# share of samples per choice (skip, 4, 8, 16, 32): mean cost = 0.1/64 + 0.25/16 + 0.1/4 + 0.2 = 24.2%
+MIX = (0.35, 0.10, 0.25, 0.10, 0.20)
+
+
+def reference_forward(net, x):
+    """The paper's execution, written here only: each gated block computes every candidate (skip,
+    each bit width fake-quantised in float32, float) for every sample and masks."""
+    saved = []
+    for blk in net.blocks:
+        def execute(xx, decisions, weights=None, training=False, execution="routed", blk=blk):
+            return masked_all_paths(xx, decisions, blk.paths("fake", blk.shortcut(xx)), weights)
+        saved.append(blk.execute)
+        blk.execute = execute
+    try:
+        return net(x)
+    finally:
+        for blk, ex in zip(net.blocks, saved):
+            blk.execute = ex
+
+
+def _full(net, x):
+    with net.fixed_decisions([len(BITS) - 1] * len(net.blocks)):
+        return net(x)
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    """Median seconds per call of each fn, timed round-robin (one call of each per round, after a
+    warm-up round) so that load from other processes on a shared machine hits every variant alike
+    and the ratios stay meaningful."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
+    if device != "cpu":
+        raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
+    torch.manual_seed(0)
+    batch = 128
+    dense = create_model("resnet38").eval()
+    x = torch.randn(batch, 3, 32, 32)
+    net = convert(dense, bits=BITS).eval()
+    net.calibrate([x])
+    G = len(net.blocks)
+    g = torch.Generator().manual_seed(0)
+    decisions = torch.multinomial(torch.tensor(MIX), batch * G, replacement=True, generator=g).view(batch, G)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    dense_cl = create_model("resnet38").eval()
+    dense_cl.load_state_dict(dense.state_dict())
+    dense_cl = dense_cl.to(memory_format=torch.channels_last)
+    fns = {"dense": lambda: dense(x), "dense_cl": lambda: dense_cl(xcl), "dfs": lambda: net(x),
+           "dfs_cl": lambda: net(xcl), "full": lambda: _full(net, x), "ref": lambda: reference_forward(net, x)}
+    with torch.no_grad(), net.fixed_decisions(decisions):
+        _, aux = net(x)
+        pct = 100 * float(aux["cost"].mean())
+        med = interleaved_medians(fns, rounds=3 if quick else 9)
+    t_dense, t_dense_cl, t_dfs, t_dfs_cl, t_full, t_ref = (med[k] for k in fns)
+    rows = []
+    best_dense = min(t_dense, t_dense_cl)
+    share = {b: float((decisions == k).float().mean()) for k, b in enumerate(BITS)}
+    for name, sec in [("dense float32 ResNet-38 (NCHW)", t_dense),
+                      ("dense float32 ResNet-38 (channels_last)", t_dense_cl),
+                      ("DFS, every block full precision (gate + routing overhead)", t_full),
+                      ("DFS ~25% (routed, NCHW input)", t_dfs),
+                      ("DFS ~25% (routed, channels_last input)", t_dfs_cl),
+                      ("reference-style: all candidates + mask", t_ref)]:
+        rows.append({"execution": name, "ms / batch": sec * 1e3, "us / image": sec * 1e6 / batch,
+                     "x vs dense NCHW": t_dense / sec, "x vs best dense": best_dense / sec,
+                     "x vs reference": t_ref / sec})
+        print(rows[-1], flush=True)
+    columns = ["execution", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
+    harness.write_results(
+        "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
+        {"device": device, "bit set": str(BITS), "computation": f"{pct:.1f}%",
+         "decision mix (share of sample-blocks per choice)": ", ".join(f"{b}: {v:.2f}" for b, v in share.items()),
+         "gated blocks": G},
+        out_dir, device,
+        notes="Medians of round-robin timings (one call of each variant per round). Decisions fixed per sample and block (seeded draw from the mix above), the gate still runs. "
+              "x ...: speed-up over that row (higher is better), all measured in this run. Targets: >= 2x the "
+              "dense float32 model, >= 10x the reference-style execution.")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter timings")
+    p.add_argument("--device", default="cpu", help="cpu only")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    a = p.parse_args(argv)
+    run(a.quick, a.device, a.out)
+
+
+if __name__ == "__main__":
+    main()

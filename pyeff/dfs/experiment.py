@@ -1,0 +1,158 @@
+"""`pyeff reproduce dfs`: accuracy against computation of DFS at several targets, against skip-only
+gating (SkipNet style: skip or full precision) and static uniform quantisation at matching cost,
+with the measured wall-clock per image against the dense float model beside every point.
+
+One float network is trained once and shared by every point (phase 1); phase 2 (the gate toward
+full execution, network frozen) runs once per bit set; phase 3 runs per target from a copy.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+from pyeff.experiments import register_experiment
+
+QUICK = dict(model="resnet20", train_subset=4000, test_subset=1000, batch_size=64, base_epochs=3,
+             base_lr=0.05, gate_epochs=1, dfs_epochs=2, dfs_lr=0.02, train_mode="routed",
+             targets=(10, 25, 50, 75), skip_targets=(25, 50), static_bits=(8, 12, 16))
+FULL = dict(model="resnet38", train_subset=None, test_subset=None, batch_size=128, base_epochs=10,
+            base_lr=0.1, gate_epochs=1, dfs_epochs=6, dfs_lr=0.02, train_mode="all",
+            targets=(10, 25, 40, 60, 80), skip_targets=(25, 40, 60, 80), static_bits=(8, 10, 12, 14, 16))
+
+
+@register_experiment("dfs", "DFS (dynamic fractional skipping) on shapes: accuracy vs computation against "
+                            "skip-only gating and static quantisation, with measured wall-clock per image")
+def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 10, 12, 14, 16, 32),
+        beta=None, time_per_point=None, threads=None, **overrides) -> dict:
+    import torch
+
+    from pyeff.data import BatchLoader
+    from pyeff.dfs.cli import dense_model
+    from pyeff.dfs.model import convert
+    from pyeff.dfs.recipe import DEFAULT_BETA, DFSHook, _sgd, calibration_batches
+    from pyeff.experiments.measure import inference_latency
+    from pyeff.train import TrainConfig, load_data, run_training
+
+    P = dict(QUICK if quick else FULL)
+    unknown = sorted(set(overrides) - set(P))
+    if unknown:
+        raise ValueError(f"unknown overrides {unknown}; known: {sorted(P)} plus bits, beta, dataset")
+    P.update(overrides)
+    beta = DEFAULT_BETA if beta is None else beta
+    time_per_point = time_per_point or (0.5 if quick else 2.0)
+    if threads:
+        torch.set_num_threads(threads)
+    common = dict(model=P["model"], dataset=dataset, data_dir=data_dir, batch_size=P["batch_size"], seed=seed,
+                  train_subset=P["train_subset"], test_subset=P["test_subset"], device="cpu", overwrite=True,
+                  momentum=0.9, weight_decay=1e-4)
+    data = load_data(TrainConfig(**common))
+    train_set, test_set = data
+    if P["train_subset"] and P["train_subset"] < len(train_set):
+        train_set = train_set.subset(P["train_subset"], seed=seed)
+    if P["test_subset"] and P["test_subset"] < len(test_set):
+        test_set = test_set.subset(P["test_subset"], seed=seed)
+    data = (train_set, test_set)
+
+    # phase 1, shared
+    cfg = TrainConfig(epochs=P["base_epochs"], lr=P["base_lr"], out_dir=os.path.join(out_dir, "phase1-float"),
+                      **common)
+    base = run_training(cfg, data=data).model.cpu().eval()
+    shape = (128,) + tuple(test_set.images.shape[1:])
+    x_time = next(iter(BatchLoader(test_set, 128, shuffle=True, augment=False)))[0]
+    loader = BatchLoader(test_set, 256, shuffle=False, augment=False)
+    dense_ms = inference_latency(base, shape, min_run_time=time_per_point)["per_image_ms"]
+    with torch.no_grad():
+        correct = sum(int((base(xb).argmax(1) == yb).sum()) for xb, yb in loader)
+    dense_acc = 100 * correct / len(test_set)
+    rows = [{"method": "dense float", "bits": "32", "target %": "", "computation %": 100.0,
+             "accuracy %": dense_acc, "ms / image": dense_ms, "dense ms / image": dense_ms, "speed-up": 1.0}]
+
+    def timed(net):
+        from pyeff.dfs.cli import _latency
+        d_ms = inference_latency(dense_model(net), shape, min_run_time=time_per_point)["per_image_ms"]
+        return _latency(net, x_time, time_per_point), d_ms  # dense re-measured beside each point
+
+    def point(method, net, target, note_bits):
+        stats = net.decision_stats(loader)
+        ms, d_ms = timed(net)
+        rows.append({"method": method, "bits": note_bits, "target %": target,
+                     "computation %": stats["computation_pct"], "accuracy %": 100 * stats["accuracy"],
+                     "ms / image": ms, "dense ms / image": d_ms, "speed-up": d_ms / ms})
+        print(f"   {method} target {target}: {rows[-1]}", flush=True)
+        return stats
+
+    calib = list(calibration_batches(train_set, P["batch_size"], 4, seed))
+    all_stats = {}
+    for method, bset, targets in (("DFS", tuple(bits), P["targets"]), ("skip-only", (0, 32), P["skip_targets"])):
+        net0 = convert(base, bits=bset, train_mode=P["train_mode"])
+        net0.calibrate(calib)
+        # phase 2, once per bit set: the frozen float network, the gate toward full execution
+        net0.freeze_base = True
+        for p in net0.base_parameters():
+            p.requires_grad_(False)
+        cfg = TrainConfig(epochs=P["gate_epochs"], lr=0.01, schedule="constant",
+                          out_dir=os.path.join(out_dir, f"phase2-{method}"), **common)
+        run_training(cfg, hooks=[DFSHook(100.0, beta)], model=net0, data=data, verbose=False,
+                     optimizer=_sgd(net0.gate_parameters(), 0.01))
+        net0.freeze_base = False
+        for p in net0.base_parameters():
+            p.requires_grad_(True)
+        for target in targets:
+            net = copy.deepcopy(net0)
+            cfg = TrainConfig(epochs=P["dfs_epochs"], lr=P["dfs_lr"],
+                              out_dir=os.path.join(out_dir, f"phase3-{method}-{target}"), **common)
+            run_training(cfg, hooks=[DFSHook(target, beta)], model=net, data=data, verbose=False,
+                         optimizer=_sgd(net.parameters(), P["dfs_lr"]))
+            all_stats[f"{method}-{target}"] = point(method, net.eval(), target, ",".join(map(str, bset)))
+
+    # static uniform quantisation of the float network (post-training, same gated blocks)
+    for b in P["static_bits"]:
+        net = convert(base, bits=(b, 32))
+        net.calibrate(calib)
+        with net.fixed_decisions([0] * len(net.blocks)):
+            point("static quant", net.eval(), "", str(b))
+
+    plot = os.path.join(out_dir, "dfs_curve.png")
+    _plot(rows, plot)
+    best = [r for r in rows if r["method"] == "DFS"]
+    summary = {"model": P["model"], "dataset": dataset, "dense accuracy %": dense_acc,
+               "dense ms / image (batch 128)": dense_ms, "DFS bits": str(tuple(bits)), "beta": beta,
+               "train mode": P["train_mode"],
+               "DFS points (computation % / accuracy % / speed-up)": "; ".join(
+                   f"{r['computation %']:.0f} / {r['accuracy %']:.1f} / {r['speed-up']:.2f}x" for r in best)}
+    notes = ("Computation % = 100 x mean bit-product cost (b/32)^2 over samples and gated blocks (the stem and "
+             "first block always run in float and are not counted, as in the paper). Wall-clock: median of "
+             "torch.utils.benchmark at batch 128 in eval, the DFS net on real test images (its decisions), the "
+             "dense float model re-measured beside each point; this CPU is shared, so absolute times are noisy "
+             "and the ratio column is what to read. Static quantisation is post-training (the shared float "
+             "network, activation ranges calibrated on 4 training batches), not quantisation-aware training.")
+    return {"summary": summary, "table": rows, "plots": [plot], "notes": notes,
+            "decision_stats": all_stats, "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items()}}
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, style in (("DFS", "o-"), ("skip-only", "s--"), ("static quant", "^:")):
+        pts = sorted((r["computation %"], r["accuracy %"], r["speed-up"]) for r in rows if r["method"] == method)
+        if not pts:
+            continue
+        c, acc, sp = zip(*pts)
+        a1.plot(c, acc, style, label=method)
+        a2.plot(c, sp, style, label=method)
+    dense = next(r for r in rows if r["method"] == "dense float")
+    a1.axhline(dense["accuracy %"], color="gray", lw=0.8, label="dense float")
+    a2.axhline(1.0, color="gray", lw=0.8, label="dense float")
+    a1.set_xlabel("computation % (bit-product cost)")
+    a1.set_ylabel("test accuracy %")
+    a2.set_xlabel("computation % (bit-product cost)")
+    a2.set_ylabel("measured speed-up vs dense float (batch 128)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
