@@ -20,8 +20,11 @@ from pyeff.dynamic import masked_all_paths
 from pyeff.models import create_model
 
 BITS = (0, 4, 8, 16, 32)
-# share of samples per choice (skip, 4, 8, 16, 32): mean cost = 0.1/64 + 0.25/16 + 0.1/4 + 0.2 = 24.2%
-MIX = (0.35, 0.10, 0.25, 0.10, 0.20)
+# share of sample-blocks per choice (skip, 4, 8, 16, 32), both at ~25% mean bit-product cost:
+MIXES = {
+    "A (every choice)": (0.35, 0.10, 0.25, 0.10, 0.20),  # 0.1/64 + 0.25/16 + 0.1/4 + 0.2 = 24.2%
+    "B (skip/8/32)": (0.50, 0.00, 0.27, 0.00, 0.23),     # 0.27/16 + 0.23 = 24.7%
+}
 
 
 def reference_forward(net, x):
@@ -40,9 +43,9 @@ def reference_forward(net, x):
             blk.execute = ex
 
 
-def _full(net, x):
-    with net.fixed_decisions([len(BITS) - 1] * len(net.blocks)):
-        return net(x)
+def _ref(net, d, x):
+    with net.fixed_decisions(d):
+        return reference_forward(net, x)
 
 
 def interleaved_medians(fns: dict, rounds: int) -> dict:
@@ -71,36 +74,48 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     net.calibrate([x])
     G = len(net.blocks)
     g = torch.Generator().manual_seed(0)
-    decisions = torch.multinomial(torch.tensor(MIX), batch * G, replacement=True, generator=g).view(batch, G)
+    dec = {name: torch.multinomial(torch.tensor(mix), batch * G, replacement=True, generator=g).view(batch, G)
+           for name, mix in MIXES.items()}
     xcl = x.contiguous(memory_format=torch.channels_last)
     dense_cl = create_model("resnet38").eval()
     dense_cl.load_state_dict(dense.state_dict())
     dense_cl = dense_cl.to(memory_format=torch.channels_last)
-    fns = {"dense": lambda: dense(x), "dense_cl": lambda: dense_cl(xcl), "dfs": lambda: net(x),
-           "dfs_cl": lambda: net(xcl), "full": lambda: _full(net, x), "ref": lambda: reference_forward(net, x)}
-    with torch.no_grad(), net.fixed_decisions(decisions):
-        _, aux = net(x)
-        pct = 100 * float(aux["cost"].mean())
+    def fixed(d, xx):
+        def f():
+            with net.fixed_decisions(d):
+                return net(xx)
+        return f
+
+    fns = {"dense float32 ResNet-38 (NCHW)": lambda: dense(x),
+           "dense float32 ResNet-38 (channels_last)": lambda: dense_cl(xcl),
+           "DFS, every block full precision (gate + routing overhead)": fixed([len(BITS) - 1] * G, x)}
+    pct = {}
+    for name, d in dec.items():
+        fns[f"DFS mix {name}, NCHW input"] = fixed(d, x)
+        fns[f"DFS mix {name}, channels_last input"] = fixed(d, xcl)
+        with torch.no_grad(), net.fixed_decisions(d):
+            pct[name] = 100 * float(net(x)[1]["cost"].mean())
+    ref_name = "reference-style: all candidates + mask (mix A)"
+    fns[ref_name] = lambda: _ref(net, dec["A (every choice)"], x)
+    with torch.no_grad():
         med = interleaved_medians(fns, rounds=3 if quick else 9)
-    t_dense, t_dense_cl, t_dfs, t_dfs_cl, t_full, t_ref = (med[k] for k in fns)
+    t_dense = med["dense float32 ResNet-38 (NCHW)"]
+    best_dense = min(t_dense, med["dense float32 ResNet-38 (channels_last)"])
+    t_ref = med[ref_name]
     rows = []
-    best_dense = min(t_dense, t_dense_cl)
-    share = {b: float((decisions == k).float().mean()) for k, b in enumerate(BITS)}
-    for name, sec in [("dense float32 ResNet-38 (NCHW)", t_dense),
-                      ("dense float32 ResNet-38 (channels_last)", t_dense_cl),
-                      ("DFS, every block full precision (gate + routing overhead)", t_full),
-                      ("DFS ~25% (routed, NCHW input)", t_dfs),
-                      ("DFS ~25% (routed, channels_last input)", t_dfs_cl),
-                      ("reference-style: all candidates + mask", t_ref)]:
-        rows.append({"execution": name, "ms / batch": sec * 1e3, "us / image": sec * 1e6 / batch,
+    for name, sec in med.items():
+        mix = next((m for m in dec if m in name), None)
+        rows.append({"execution": name, "computation %": f"{pct[mix]:.1f}" if mix else ("100" if "full" in name or "dense" in name else "-"),
+                     "ms / batch": sec * 1e3, "us / image": sec * 1e6 / batch,
                      "x vs dense NCHW": t_dense / sec, "x vs best dense": best_dense / sec,
                      "x vs reference": t_ref / sec})
         print(rows[-1], flush=True)
-    columns = ["execution", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
+    columns = ["execution", "computation %", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
     harness.write_results(
         "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "bit set": str(BITS), "computation": f"{pct:.1f}%",
-         "decision mix (share of sample-blocks per choice)": ", ".join(f"{b}: {v:.2f}" for b, v in share.items()),
+        {"device": device, "bit set": str(BITS),
+         "decision mixes (share of sample-blocks per choice skip/4/8/16/32)": "; ".join(
+             f"{k}: {v}" for k, v in MIXES.items()),
          "gated blocks": G},
         out_dir, device,
         notes="Medians of round-robin timings (one call of each variant per round). Decisions fixed per sample and block (seeded draw from the mix above), the gate still runs. "

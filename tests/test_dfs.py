@@ -212,3 +212,21 @@ def test_recipe_hook_moves_cost_toward_target():
     assert "computation_pct" in h[-1] and "train_computation_pct" in h[-1]
     # a few steps from a random network: the training batches' computation falls from ~100%
     assert max(r["train_computation_pct"] for r in h) < start - 10
+
+
+def test_save_load_roundtrip(tmp_path, r20):
+    from pyeff.dfs.recipe import load_dfs, save_dfs
+
+    net = convert(r20, bits=(0, 8, 32)).eval()
+    x = _x(4)
+    net.calibrate([x])
+    path = str(tmp_path / "dfs.pt")
+    save_dfs(net, path, model="resnet20", dataset="shapes", num_classes=5, in_channels=3)
+    net2, meta = load_dfs(path)
+    with torch.no_grad():
+        a, aux_a = net(x)
+        b, aux_b = net2(x)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(aux_a["decisions"], aux_b["decisions"]) and meta["model"] == "resnet20"
+    with pytest.raises(FileNotFoundError):
+        load_dfs(str(tmp_path / "missing.pt"))

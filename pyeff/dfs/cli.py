@@ -78,8 +78,6 @@ def train_main(args) -> int:
 def evaluate(net, meta: dict, test_set, batch_size: int = 128, min_run_time: float = 2.0) -> dict:
     """Accuracy, computation %, decision statistics, and wall-clock per image of the DFS net
     against its dense float model (eval, batch `batch_size`, median of torch.utils.benchmark)."""
-    import copy
-
     from pyeff.data import BatchLoader
     from pyeff.experiments.measure import inference_latency
 
@@ -91,7 +89,6 @@ def evaluate(net, meta: dict, test_set, batch_size: int = 128, min_run_time: flo
     x = next(iter(BatchLoader(test_set, batch_size, shuffle=True, augment=False)))[0]
     t_dfs = _latency(net, x, min_run_time)
     t_dense = inference_latency(dense, shape, min_run_time=min_run_time)["per_image_ms"]
-    del copy
     return {"accuracy_pct": 100 * stats.get("accuracy", float("nan")), "computation_pct": stats["computation_pct"],
             "dfs_ms_per_image": t_dfs, "dense_ms_per_image": t_dense, "speedup": t_dense / t_dfs, "stats": stats,
             "bits": list(net.bits), "model": meta.get("model"), "dataset": meta.get("dataset")}

@@ -12,8 +12,8 @@ import os
 
 from pyeff.experiments import register_experiment
 
-QUICK = dict(model="resnet20", train_subset=4000, test_subset=1000, batch_size=64, base_epochs=3,
-             base_lr=0.05, gate_epochs=1, dfs_epochs=2, dfs_lr=0.02, train_mode="routed",
+QUICK = dict(model="resnet20", train_subset=6000, test_subset=1000, batch_size=64, base_epochs=4,
+             base_lr=0.05, gate_epochs=1, dfs_epochs=1, dfs_lr=0.02, train_mode="routed",
              targets=(10, 25, 50, 75), skip_targets=(25, 50), static_bits=(8, 12, 16))
 FULL = dict(model="resnet38", train_subset=None, test_subset=None, batch_size=128, base_epochs=10,
             base_lr=0.1, gate_epochs=1, dfs_epochs=6, dfs_lr=0.02, train_mode="all",

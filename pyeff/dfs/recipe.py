@@ -25,7 +25,7 @@ from pyeff.dynamic import hinge_cost_loss
 from pyeff.train import Hook, TrainConfig, run_training
 
 PAPER_BETA = 1e-5
-DEFAULT_BETA = 1.0
+DEFAULT_BETA = 5.0
 DFS_FORMAT = "pyeff-dfs"
 
 
