@@ -23,13 +23,13 @@ FULL = dict(model="resnet38", train_subset=None, test_subset=None, batch_size=12
 @register_experiment("dfs", "DFS (dynamic fractional skipping) on shapes: accuracy vs computation against "
                             "skip-only gating and static quantisation, with measured wall-clock per image")
 def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 10, 12, 14, 16, 32),
-        beta=None, time_per_point=None, threads=None, **overrides) -> dict:
+        beta=None, time_per_point=None, threads=None, base_checkpoint=None, **overrides) -> dict:
     import torch
 
     from pyeff.data import BatchLoader
     from pyeff.dfs.cli import dense_model
     from pyeff.dfs.model import convert
-    from pyeff.dfs.recipe import DEFAULT_BETA, DFSHook, _sgd, calibration_batches
+    from pyeff.dfs.recipe import DEFAULT_BETA, GATE_PHASE_BETA, DFSHook, _sgd, calibration_batches, load_base
     from pyeff.experiments.measure import inference_latency
     from pyeff.train import TrainConfig, load_data, run_training
 
@@ -56,7 +56,10 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     # phase 1, shared
     cfg = TrainConfig(epochs=P["base_epochs"], lr=P["base_lr"], out_dir=os.path.join(out_dir, "phase1-float"),
                       **common)
-    base = run_training(cfg, data=data).model.cpu().eval()
+    if base_checkpoint:  # reuse a phase-1 network (a pyeff checkpoint of P["model"])
+        base = load_base(P["model"], base_checkpoint, train_set.num_classes, train_set.images.shape[1]).eval()
+    else:
+        base = run_training(cfg, data=data).model.cpu().eval()
     shape = (128,) + tuple(test_set.images.shape[1:])
     x_time = next(iter(BatchLoader(test_set, 128, shuffle=True, augment=False)))[0]
     loader = BatchLoader(test_set, 256, shuffle=False, augment=False)
@@ -92,7 +95,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
             p.requires_grad_(False)
         cfg = TrainConfig(epochs=P["gate_epochs"], lr=0.01, schedule="constant",
                           out_dir=os.path.join(out_dir, f"phase2-{method}"), **common)
-        run_training(cfg, hooks=[DFSHook(100.0, beta)], model=net0, data=data, verbose=False,
+        run_training(cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net0, data=data, verbose=False,
                      optimizer=_sgd(net0.gate_parameters(), 0.01))
         net0.freeze_base = False
         for p in net0.base_parameters():

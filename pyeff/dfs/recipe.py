@@ -26,6 +26,10 @@ from pyeff.train import Hook, TrainConfig, run_training
 
 PAPER_BETA = 1e-5
 DEFAULT_BETA = 5.0
+# phase 2 pushes toward 100%, which every batch is at or under: with a small-scale beta the hinge
+# keeps pushing and saturates the softmax (p_full -> 1, so p(1-p) leaves phase 3 no gradient:
+# measured, the gate then stayed at 100% through phase 3). Phase 2 keeps the paper's beta.
+GATE_PHASE_BETA = PAPER_BETA
 DFS_FORMAT = "pyeff-dfs"
 
 
@@ -133,7 +137,7 @@ def train_dfs(model: str = "resnet38", dataset: str = "shapes", *, bits: Sequenc
             p.requires_grad_(False)
         cfg = TrainConfig(epochs=gate_epochs, lr=gate_lr, schedule="constant",
                           out_dir=os.path.join(out_dir, "phase2-gate"), **common)
-        run_training(cfg, hooks=[DFSHook(100.0, beta)], model=net, data=data, verbose=verbose,
+        run_training(cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net, data=data, verbose=verbose,
                      optimizer=_sgd(net.gate_parameters(), gate_lr))
         history["phase2"] = run_history(cfg)
         net.freeze_base = False
