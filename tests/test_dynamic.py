@@ -127,3 +127,13 @@ def test_bad_decisions():
         route(x, torch.zeros(3, dtype=torch.long), [lambda t: t, lambda t: t])
     with pytest.raises(ValueError, match="num_choices"):
         route(x, torch.tensor([0, 1, 2, 1]), [lambda t: t, lambda t: t])
+
+
+def test_route_keeps_channels_last_layout(rng):
+    x = torch.randn(6, 4, 5, 5, generator=rng)
+    d = torch.tensor([0, 1, 0, 1, 1, 0])
+    paths = [lambda t: (t * 2).contiguous(memory_format=torch.channels_last),
+             lambda t: (t - 1).contiguous(memory_format=torch.channels_last)]
+    out = route(x, d, paths)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, masked_all_paths(x, d, paths))

@@ -57,8 +57,10 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
         part = paths[k](x.index_select(0, idx))
         if weights is not None:
             part = part * _expand(weights.index_select(0, idx)[:, k], part)
-        if out is None:
-            out = part.new_empty((n,) + part.shape[1:])
+        if out is None:  # in the layout the paths produce (channels_last for the integer engine)
+            layout = (torch.channels_last if part.dim() == 4 and not part.is_contiguous()
+                      and part.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+            out = torch.empty((n,) + part.shape[1:], dtype=part.dtype, device=part.device, memory_format=layout)
         out.index_copy_(0, idx, part)  # autograd records the in-place copy; no batch-sized temporaries
     return out
 
