@@ -20,23 +20,14 @@ from torch import Tensor, nn
 
 from pyeff.dfs.block import FULL, DFSBlock, _Controller, block_kind, check_bits
 from pyeff.dynamic import RecurrentGate, choice_costs
+from pyeff.dynamic.modules import find_blocks, replace_submodule
 
 PAPER_BITS = (0, 8, 10, 12, 14, 16, 32)
 HW_BITS = (0, 4, 8, 16, 32)
 
 
 def _residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    found = []
-    for name, m in model.named_modules():
-        if block_kind(m) is not None and not any(name.startswith(p + ".") for p, _ in found):
-            found.append((name, m))
-    return found
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    return find_blocks(model, lambda m: block_kind(m) is not None)
 
 
 def _grow_weight_cache(entries: int) -> None:
@@ -66,7 +57,7 @@ class DFSNet(nn.Module):
         wrapped = []
         for i, (name, blk) in enumerate(found[1:]):
             d = DFSBlock(blk, self.bits, index=i, train_mode=train_mode)
-            _set_submodule(model, name, d)
+            replace_submodule(model, name, d)
             wrapped.append(d)
         self.block_names = [n for n, _ in found[1:]]
         if gate_bias is None:  # start at full execution (the last choice is the widest)

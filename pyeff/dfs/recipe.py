@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from pyeff.dfs.model import PAPER_BITS, DFSNet, convert
-from pyeff.dynamic import hinge_cost_loss
-from pyeff.train import Hook, TrainConfig, run_training
+from pyeff.dynamic.hook import CostHingeHook
+from pyeff.train import TrainConfig, run_training
 
 PAPER_BETA = 1e-5
 DEFAULT_BETA = 5.0
@@ -33,9 +33,10 @@ GATE_PHASE_BETA = PAPER_BETA
 DFS_FORMAT = "pyeff-dfs"
 
 
-class DFSHook(Hook):
+class DFSHook(CostHingeHook):
     """Adds beta * cost * sign(cost% - target) to the loss and logs the computation percentage of
-    training (`train_computation_pct`) and evaluation (`computation_pct`) batches.
+    training (`train_computation_pct`) and evaluation (`computation_pct`) batches: the shared
+    `pyeff.dynamic.hook.CostHingeHook` with DFS's default beta.
 
     Args:
         target: computation percentage to reach (0-100).
@@ -43,44 +44,7 @@ class DFSHook(Hook):
     """
 
     def __init__(self, target: float, beta: float = DEFAULT_BETA):
-        if not 0 <= target <= 100:
-            raise ValueError(f"target is a computation percentage in [0, 100], got {target}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        self.target, self.beta = float(target), float(beta)
-        self._train = [0.0, 0]
-        self._eval = [0.0, 0]
-
-    @staticmethod
-    def _cost(outputs):
-        if "cost" not in outputs.aux:
-            raise ValueError("DFSHook needs a model that returns (logits, {'cost': ...}): a pyeff.dfs DFSNet")
-        return outputs.aux["cost"]
-
-    def on_epoch_begin(self, trainer, epoch):
-        self._train = [0.0, 0]
-
-    def loss(self, trainer, outputs, targets, loss):
-        cost = self._cost(outputs)
-        self._train[0] += float(cost.detach().sum())
-        self._train[1] += cost.shape[0]
-        return loss + hinge_cost_loss(cost, self.target / 100.0, self.beta)
-
-    def on_eval_begin(self, trainer):
-        self._eval = [0.0, 0]
-
-    def on_eval_batch(self, trainer, outputs, targets):
-        cost = self._cost(outputs)
-        self._eval[0] += float(cost.detach().sum())
-        self._eval[1] += cost.shape[0]
-
-    def eval_metrics(self, trainer) -> dict:
-        s, n = trainer.all_reduce_sum(self._eval)
-        return {"computation_pct": 100.0 * s / n if n else float("nan")}
-
-    def on_epoch_end(self, trainer, epoch, metrics):
-        s, n = trainer.all_reduce_sum(self._train)
-        metrics["train_computation_pct"] = 100.0 * s / n if n else float("nan")
+        super().__init__(target, beta)
 
 
 def _sgd(params, lr):

@@ -58,12 +58,16 @@ class RecurrentGate(nn.Module):
     def reset(self) -> None:
         self._state = None
 
-    def forward(self, feature: Tensor, block: int) -> GateOutput:
+    def forward(self, feature: Tensor, block: int, pooled: Tensor | None = None) -> GateOutput:
+        """`pooled`: the feature map's global average [N, C] when the caller already has it (DDI
+        shares one pooling between its layer and channel gates)."""
         if feature.dim() != 4:
             raise ValueError(f"the gate expects a feature map [N, C, H, W], got shape {tuple(feature.shape)}")
         if not 0 <= block < len(self.proj):
             raise IndexError(f"block {block} out of range for a gate over {len(self.proj)} blocks")
-        e = self.proj[block](F.adaptive_avg_pool2d(feature, 1)).flatten(1)
+        if pooled is None:
+            pooled = F.adaptive_avg_pool2d(feature, 1).flatten(1)
+        e = F.linear(pooled, self.proj[block].weight.flatten(1), self.proj[block].bias)
         if self._state is not None and self._state[0].shape[0] != e.shape[0]:
             raise RuntimeError("batch size changed between blocks: call gate.reset() before each batch")
         h, c = self.cell(e, self._state)
@@ -92,7 +96,16 @@ class ChannelGate(nn.Module):
         with torch.no_grad():  # start with every channel open
             self.fc2.bias.fill_(init_open)
 
+    def scores(self, feature: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """[N, C] sigmoid scores; a channel is kept where its score is above the threshold.
+        `pooled`: the feature map's global average [N, C] if the caller already has it."""
+        if feature.dim() != 4:
+            raise ValueError(f"the channel gate expects a feature map [N, C, H, W], got shape {tuple(feature.shape)}")
+        if pooled is None:
+            pooled = F.adaptive_avg_pool2d(feature, 1).flatten(1)
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
+
     def forward(self, feature: Tensor) -> tuple[Tensor, Tensor]:
-        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(feature, 1).flatten(1)))))
+        s = self.scores(feature)
         keep = s > self.threshold
         return straight_through(keep.to(s.dtype), s), keep

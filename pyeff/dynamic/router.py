@@ -29,7 +29,7 @@ def group_indices(decisions: Tensor, num_choices: int) -> list[Tensor | None]:
 
 
 def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tensor]] | Mapping[int, Callable],
-          weights: Tensor | None = None) -> Tensor:
+          weights: Tensor | None = None, extras: Sequence[Tensor | None] = ()) -> Tensor:
     """out[i] = paths[decisions[i]](x[i:i+1]) computed group by group.
 
     Args:
@@ -40,6 +40,8 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
         weights: optional [N, K] gate values (hard one-hot with a straight-through gradient): each
             sample's output is multiplied by its chosen entry, which is 1 in the forward pass and
             carries the gate's gradient back through the path that ran.
+        extras: per-sample tensors [N, ...] (or None) that travel with the samples: a path is
+            called as `path(x_group, *extras_group)`, e.g. each sample's channel mask.
     """
     n = x.shape[0]
     if decisions.shape != (n,):
@@ -49,12 +51,12 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
     active = [k for k, g in enumerate(groups) if g is not None]
     if len(active) == 1:  # the whole batch took one path
         k = active[0]
-        out = paths[k](x)
+        out = paths[k](x, *extras)
         return out if weights is None else out * _expand(weights[:, k], out)
     out = None
     for k in active:
         idx = groups[k]
-        part = paths[k](x.index_select(0, idx))
+        part = paths[k](x.index_select(0, idx), *(None if e is None else e.index_select(0, idx) for e in extras))
         if weights is not None:
             part = part * _expand(weights.index_select(0, idx)[:, k], part)
         if out is None:  # in the layout the paths produce (channels_last for the integer engine)

@@ -1,4 +1,4 @@
-"""Model zoo: CIFAR ResNets (plain and pre-activation), VGG with BN for 32x32, torchvision models.
+"""Model zoo: CIFAR ResNets (plain and pre-activation), DenseNet-BC, VGG with BN for 32x32, torchvision models.
 
     >>> from pyeff.models import create_model, list_models
     >>> model = create_model("resnet38", num_classes=10)
@@ -7,6 +7,7 @@
 from pyeff.models.registry import create_model, is_model, list_models, register_model
 from pyeff.models.cifar_resnet import BasicBlock, CifarResNet, ClassifierHead, PreActBlock, RESNET_DEPTHS  # registers
 from pyeff.models.vgg import CifarVGG, VGG_CFGS  # registers
+from pyeff.models.densenet import CifarDenseNet, DenseLayer  # registers
 
 __all__ = ["create_model", "list_models", "register_model", "is_model", "BasicBlock", "PreActBlock", "CifarResNet",
-           "ClassifierHead", "CifarVGG", "VGG_CFGS", "RESNET_DEPTHS"]
+           "ClassifierHead", "CifarVGG", "VGG_CFGS", "RESNET_DEPTHS", "CifarDenseNet", "DenseLayer"]

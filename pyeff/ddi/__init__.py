@@ -1,0 +1,23 @@
+"""DDI (dual dynamic inference, arXiv 1907.04523): input-dependent layer and channel skipping
+(multi-grained learning to skip) plus resource-dependent halting at early exits under a budget in
+FLOPs, energy or measured latency. Only what is chosen runs at inference.
+
+    net = pyeff.ddi.convert(model, cost="flops")
+    logits, aux = net(x)           # aux["cost"] [N], aux["execute"] [N, G], aux["channels"] [N, G]
+    net.eval().set_budget(0.25)    # no sample above 25% of the dense cost
+
+See docs/ddi.md.
+"""
+from pyeff.ddi.block import DDIBlock, block_kind
+from pyeff.ddi.costs import BlockCost, CostTable, EnergyModel, build_table
+from pyeff.ddi.model import DDINet, ExitHead, convert
+
+__all__ = ["DDIBlock", "DDINet", "ExitHead", "convert", "block_kind", "BlockCost", "CostTable", "EnergyModel",
+           "build_table", "DDIHook", "train_ddi"]
+
+
+def __getattr__(name):  # the recipe pulls in the training loop: import it on first use
+    if name in ("DDIHook", "train_ddi"):
+        from pyeff.ddi import recipe
+        return getattr(recipe, name)
+    raise AttributeError(name)

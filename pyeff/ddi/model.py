@@ -1,0 +1,433 @@
+"""`convert(model)`: a network with DDI's two kinds of dynamic inference.
+
+    net = pyeff.ddi.convert(pyeff.models.create_model("resnet38"), cost="flops")
+    logits, aux = net(x)     # aux["cost"]: [N] fraction of the dense network's cost (differentiable)
+                             # aux["execute"]: [N, G] layer decisions; aux["channels"]: [N, G] fractions
+                             # aux["exits"]: early-exit logits (training)
+    net.set_budget(0.3)      # inference: no sample spends more than 30% of the dense cost
+
+Input-dependent (MGL2S): every residual block but the first gets a layer decision from one shared
+recurrent gate (SkipNet's) and a channel gate over its inner channels. Resource-dependent: an exit
+classifier after every stage but the last; under a budget the network halts at an exit and
+tightens the gates of each sample (fewer channels, then skipping) so that its cost stays within
+the budget. Costs come from a per-layer table (pyeff.ddi.costs) in FLOPs, energy or measured
+latency.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pyeff.ddi.block import SUPPORTED, DDIBlock, block_kind
+from pyeff.ddi.costs import UNITS, CostTable, EnergyModel, build_table
+from pyeff.dynamic import RecurrentGate, straight_through
+from pyeff.dynamic.modules import find_blocks, replace_submodule
+
+
+class ExitHead(nn.Module):
+    """An early-exit classifier: conv3x3 (stride 2 above 8x8 maps) - BN - ReLU - pool - linear."""
+
+    def __init__(self, channels: int, num_classes: int, spatial: int):
+        super().__init__()
+        stride = 2 if spatial > 8 else 1
+        width = 2 * channels
+        self.conv = nn.Conv2d(channels, width, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+def _parts(model: nn.Module):
+    """(stem, stages, head) of a supported network; modules are shared with `model`."""
+    if hasattr(model, "stages") and hasattr(model, "stem") and hasattr(model, "head"):
+        return model.stem, list(model.stages()), model.head
+    try:
+        from torchvision.models import ResNet
+    except ImportError:
+        ResNet = None
+    if ResNet is not None and isinstance(model, ResNet):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+        return stem, [model.layer1, model.layer2, model.layer3, model.layer4], head
+    raise TypeError(f"pyeff.ddi.convert: {type(model).__name__} is not supported; use pyeff's CIFAR ResNets and "
+                    "DenseNets or a torchvision ResNet (a network with stem, stages() and head)")
+
+
+class _Controller:
+    """Per-forward state shared by the blocks of one DDINet (a plain object, not a module)."""
+
+    def __init__(self, net: "DDINet"):
+        self.net = net
+        self.training = False
+        self.open = False               # every block executed with every channel (no gates consulted)
+        self.forced_execute: Tensor | None = None   # [G] or [N, G] bool
+        self.forced_channels: list | None = None    # per block: bool [N, width] or None
+        self.reset(0, torch.device("cpu"))
+
+    def reset(self, n: int, device) -> None:
+        self.net.gate.reset()
+        self.spent: Tensor | float = 0.0     # [N] in table units, differentiable in training
+        self.spent_exact = torch.zeros(n, dtype=torch.float64, device=device)  # for the budget
+        self.execute: list[Tensor] = []
+        self.channels: list[Tensor] = []
+
+    def charge(self, cost: float) -> None:
+        self.spent = self.spent + cost
+        self.spent_exact += cost
+
+    def run_block(self, blk: DDIBlock, x: Tensor) -> Tensor:
+        net, n, training = self.net, x.shape[0], self.training
+        table: CostTable | None = net.table
+        if self.open:
+            if table is not None:
+                self.charge(table.blocks[blk.index].full)
+            return blk.exec_path(x)
+        cb = table.blocks[blk.index]
+        pooled = x.mean((2, 3))  # one pooling for both gates
+        # layer decision
+        layer_w = None
+        if net.layer_gates:
+            g = net.gate(x, blk.index, pooled)
+            execute = g.decisions == 1
+            layer_w = g.weights if training else None
+        else:
+            execute = torch.ones(n, dtype=torch.bool, device=x.device)
+        if self.forced_execute is not None:
+            f = self.forced_execute
+            execute = (f[:, blk.index] if f.dim() == 2 else f[blk.index].expand(n)).to(x.device)
+            layer_w = None
+        # channel decision
+        soft = hard = scores = None
+        if blk.channel_gate is not None:
+            scores = blk.channel_gate.scores(x, pooled)
+            hard = scores > blk.channel_gate.threshold
+            soft = straight_through(hard.to(scores.dtype), scores) if training else hard.to(scores.dtype)
+        if self.forced_channels is not None and self.forced_channels[blk.index] is not None:
+            hard = self.forced_channels[blk.index].to(x.device)
+            soft = hard.to(x.dtype)
+        if net.budget is not None and not training:
+            execute, hard, soft = self._fit_budget(blk, cb, execute, hard, scores)
+        # cost
+        r = soft.mean(1) if soft is not None else torch.ones(n, dtype=x.dtype, device=x.device)
+        w = layer_w[:, 1] if layer_w is not None else execute.to(x.dtype)
+        self.spent = self.spent + (cb.fixed + w * cb.exec_cost(r))
+        self.spent_exact += cb.fixed + execute.double() * cb.exec_cost(r.detach().double())
+        self.execute.append(execute)
+        self.channels.append(r.detach() * execute)
+        return blk.run(x, execute, layer_w, soft, hard, training)
+
+    def _fit_budget(self, blk, cb, execute, hard, scores):
+        """Tighten this block's decisions so that every sample can still reach its exit within the
+        budget: keep the highest-scoring channels that fit, skip the block when none fits."""
+        net = self.net
+        avail = net.budget * net.table.dense - self.spent_exact - cb.fixed - net.table.reserve_after(blk.index, net.halt_stage)
+        P = blk.width
+        k = torch.arange(P + 1, device=avail.device, dtype=torch.float64)
+        cost_k = cb.exec_cost(k / P)
+        fits = cost_k[None, :] <= avail[:, None] * (1 + 1e-9) + 1e-12   # cost_k is increasing in k
+        k_max = fits.sum(1) - 1                                     # -1: not even the block's constant part fits
+        if hard is None:                                            # no channel gate: all or nothing
+            return execute & (k_max >= P), None, None
+        k_want = hard.sum(1)
+        execute = execute & (k_max >= k_want.clamp(max=1))
+        over = execute & (k_want > k_max)
+        if bool(over.any()):
+            rank = scores.argsort(1, descending=True).argsort(1)
+            hard = torch.where(over[:, None], hard & (rank < k_max[:, None]), hard)
+        return execute, hard, hard.to(scores.dtype)
+
+
+class DDINet(nn.Module):
+    """A converted network. Attributes: `model` (its gated blocks wrapped in DDIBlocks), `gate`
+    (the shared layer gate), `exits` (early-exit heads), `table` (the CostTable of `cost`),
+    `budget` (None or a fraction of the dense cost) and `halt_stage`."""
+
+    def __init__(self, model: nn.Module, cost: str = "flops", channel_gates: bool = True, layer_gates: bool = True,
+                 exits: bool = True, input_size: tuple = (3, 32, 32), gate_bias=(0.0, 2.0), energy=None,
+                 embed_dim: int = 10, hidden_dim: int = 10):
+        super().__init__()
+        self.table: CostTable | None = None
+        if cost not in UNITS:
+            raise ValueError(f"pyeff.ddi: cost must be one of {UNITS}, got {cost!r}")
+        stem, stages, head = _parts(model)
+        self.model = model
+        self.__dict__["parts"] = (stem, stages, head)  # views, not registered twice
+        found = []
+        for s_idx, stage in enumerate(stages):
+            for name, blk in find_blocks(stage, lambda m: block_kind(m) is not None):
+                found.append((s_idx, stage, name, blk))
+        if len(found) < 2:
+            raise TypeError(f"pyeff.ddi.convert: {type(model).__name__} has {len(found)} supported block(s); DDI "
+                            f"needs at least two (the first stays ungated). Supported: {SUPPORTED}")
+        wrapped = []
+        for i, (s_idx, stage, name, blk) in enumerate(found[1:]):
+            d = DDIBlock(blk, index=i, stage=s_idx, channel_gate=channel_gates)
+            replace_submodule(stage, name, d)
+            wrapped.append(d)
+        self.blocks = wrapped  # a plain list: the blocks are registered inside `model`
+        self.layer_gates, self.channel_gates = layer_gates, channel_gates
+        self.gate = RecurrentGate([d.in_channels for d in wrapped], 2, embed_dim, hidden_dim, mode="argmax",
+                                  bias=gate_bias)
+        self._ctl = _Controller(self)
+        for d in wrapped:
+            d._ctl = self._ctl
+        # exit heads after every stage but the last (their sizes from a probe of the dense network)
+        self.exits = nn.ModuleList()
+        self.input_size = tuple(input_size)
+        if exits:
+            probe = torch.zeros(2, *self.input_size)
+            was = model.training
+            model.eval()
+            with torch.no_grad(), self.all_open():
+                h = stem(probe)
+                for stage in stages[:-1]:
+                    h = stage(h)
+                    self.exits.append(ExitHead(h.shape[1], self._num_classes(head), h.shape[-1]))
+            model.train(was)
+        self.budget: float | None = None
+        self.halt_stage = len(stages) - 1
+        self.collect_exits = False
+        self.cost_unit = cost
+        self.energy = energy
+        self.table = self.measure_costs(cost, energy=energy)
+        self.budget_exits: dict | None = None  # budget -> best exit, from tune_budget
+
+    @staticmethod
+    def _num_classes(head: nn.Module) -> int:
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise TypeError("pyeff.ddi: the network's head has no nn.Linear to size the exit classifiers from")
+        return linears[-1].out_features
+
+    # -- costs --------------------------------------------------------------------------------
+    def measure_costs(self, unit: str | None = None, batch: int = 64, energy: EnergyModel | None = None,
+                      x: Tensor | None = None) -> CostTable:
+        """(Re)build the cost table in `unit` ("flops", "energy", or "latency": timed here, on
+        `x` or a random batch of `batch`) and make it this net's cost."""
+        unit = unit or self.cost_unit
+        if x is None:
+            x = torch.randn(batch if unit == "latency" else 1, *self.input_size,
+                            device=next(self.parameters()).device)
+        self.table = build_table(self, x, unit, energy or self.energy)
+        self.cost_unit = unit
+        return self.table
+
+    @contextlib.contextmanager
+    def all_open(self):
+        """Every block executes with every channel (the dense network; gates are not consulted)."""
+        old, self._ctl.open = self._ctl.open, True
+        try:
+            yield self
+        finally:
+            self._ctl.open = old
+
+    @torch.no_grad()
+    def eval_all_exits(self, x: Tensor):
+        """Run the network once through every stage and every exit head (for cost measurement)."""
+        stem, stages, head = self.parts
+        self._ctl.reset(x.shape[0], x.device)
+        h = stem(x)
+        for i, stage in enumerate(stages):
+            h = stage(h)
+            if i < len(self.exits):
+                self.exits[i](h)
+        return head(h)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"pyeff.ddi: expected an image batch [N, C, H, W], got shape {tuple(x.shape)}")
+        stem, stages, head = self.parts
+        ctl, t = self._ctl, self.table
+        ctl.reset(x.shape[0], x.device)
+        ctl.training = self.training
+        halt = self.halt_stage if (self.budget is not None and not self.training) else len(stages) - 1
+        want_exits = self.training or self.collect_exits
+        exit_logits = []
+        h = stem(x)
+        logits = None
+        for i, stage in enumerate(stages):
+            ctl.charge(t.ungated[i])
+            h = stage(h)
+            if i < len(self.exits) and (want_exits or i == halt):
+                out = self.exits[i](h)
+                exit_logits.append(out)
+                if i == halt:
+                    ctl.charge(t.exits[i])
+                    logits = out
+                    break
+        if logits is None:
+            logits = head(h)
+            ctl.charge(t.head)
+        n = x.shape[0]
+        if self.training:  # differentiable through the gates' straight-through weights
+            spent = ctl.spent if isinstance(ctl.spent, Tensor) else torch.full((n,), float(ctl.spent), device=x.device)
+        else:  # exact (float64) accounting of what ran
+            spent = ctl.spent_exact
+        G = len(self.blocks)
+        execute = torch.zeros(n, G, dtype=torch.bool, device=x.device)
+        channels = torch.zeros(n, G, device=x.device)
+        for j, (e, c) in enumerate(zip(ctl.execute, ctl.channels)):
+            execute[:, j], channels[:, j] = e, c
+        aux = {"cost": spent / t.dense, "execute": execute, "channels": channels, "exits": exit_logits,
+               "halted_at": halt}
+        ctl.reset(0, x.device)
+        return logits, aux
+
+    # -- budgets ------------------------------------------------------------------------------
+    def min_budget(self, stage: int | None = None) -> float:
+        """The smallest budget (fraction of the dense cost) that halting after `stage` (default:
+        the cheapest exit) can meet."""
+        stages = range(len(self.parts[1])) if stage is None else [stage]
+        return min(self.table.mandatory(s) for s in stages) / self.table.dense
+
+    def set_budget(self, budget: float | None, exit: int | str = "auto") -> "DDINet":
+        """At inference, keep every sample's cost within `budget` (a fraction of the dense network's
+        cost in the table's unit; None removes the budget).
+
+        exit: the stage after which to halt (0-based; the last stage = the final classifier), or
+        "auto": the best exit measured by `tune_budget` for the largest tuned budget <= `budget`,
+        else the deepest exit whose mandatory cost fits."""
+        if budget is None:
+            self.budget, self.halt_stage = None, len(self.parts[1]) - 1
+            return self
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget:
+            raise ValueError(f"pyeff.ddi: budget is a fraction of the dense cost (e.g. 0.5), got {budget!r}")
+        last = len(self.parts[1]) - 1
+        feasible = [s for s in range(last + 1) if self.table.mandatory(s) <= budget * self.table.dense * (1 + 1e-9)
+                    and (s == last or s < len(self.exits))]
+        if not feasible:
+            raise ValueError(f"pyeff.ddi: a budget of {100 * budget:.1f}% is below the cheapest exit's cost "
+                             f"({100 * self.min_budget():.1f}% of the dense {self.table.unit})")
+        if exit == "auto":
+            stage = max(feasible)
+            if self.budget_exits:
+                tuned = [b for b in self.budget_exits if b <= budget + 1e-12]
+                if tuned and self.budget_exits[max(tuned)] in feasible:
+                    stage = self.budget_exits[max(tuned)]
+        else:
+            if not isinstance(exit, int) or not 0 <= exit <= last:
+                raise ValueError(f"pyeff.ddi: exit must be 'auto' or a stage in [0, {last}], got {exit!r}")
+            if exit not in feasible:
+                raise ValueError(f"pyeff.ddi: halting after stage {exit} costs at least "
+                                 f"{100 * self.min_budget(exit):.1f}%, above the budget {100 * budget:.1f}%")
+            stage = exit
+        self.budget, self.halt_stage = float(budget), stage
+        return self
+
+    @torch.no_grad()
+    def tune_budget(self, loader, budgets: Iterable[float]) -> dict:
+        """For each budget, measure the accuracy of halting at every feasible exit on `loader`
+        (held-out data) and remember the best, so that `set_budget(b)` picks it. Returns
+        {budget: {"exit": stage, "accuracy": acc, "per_exit": {stage: acc}}}."""
+        result, best = {}, {}
+        old = (self.budget, self.halt_stage)
+        try:
+            for b in budgets:
+                per = {}
+                for s in range(len(self.parts[1])):
+                    try:
+                        self.set_budget(b, exit=s)
+                    except ValueError:
+                        continue
+                    per[s] = self.evaluate(loader)["accuracy"]
+                if per:
+                    s_best = max(per, key=lambda s: (per[s], s))
+                    best[float(b)] = s_best
+                    result[float(b)] = {"exit": s_best, "accuracy": per[s_best], "per_exit": per}
+        finally:
+            self.budget, self.halt_stage = old
+        self.budget_exits = best
+        return result
+
+    # -- forced decisions (benchmarks, tests) -------------------------------------------------
+    @contextlib.contextmanager
+    def forced(self, execute=None, channels=None):
+        """Within the block, layer decisions are `execute` (bool [G] or [N, G]) and the inner
+        channel masks are `channels` (a list of G bool [N, width] tensors or None); the gates still
+        run (their cost is real), only their answers are replaced."""
+        G = len(self.blocks)
+        old = (self._ctl.forced_execute, self._ctl.forced_channels)
+        if execute is not None:
+            execute = torch.as_tensor(execute)
+            if execute.dtype != torch.bool or execute.shape[-1] != G or execute.dim() not in (1, 2):
+                raise ValueError(f"execute must be a bool tensor of shape [{G}] or [N, {G}], got "
+                                 f"{execute.dtype} {tuple(execute.shape)}")
+        if channels is not None:
+            if len(channels) != G:
+                raise ValueError(f"channels needs one entry per gated block ({G}), got {len(channels)}")
+            for blk, m in zip(self.blocks, channels):
+                if m is not None and (m.dtype != torch.bool or m.dim() != 2 or m.shape[1] != blk.width):
+                    raise ValueError(f"channels[{blk.index}] must be bool [N, {blk.width}], got {m.dtype} "
+                                     f"{tuple(m.shape)}")
+        self._ctl.forced_execute, self._ctl.forced_channels = execute, channels
+        try:
+            yield self
+        finally:
+            self._ctl.forced_execute, self._ctl.forced_channels = old
+
+    # -- parameters and statistics ------------------------------------------------------------
+    def gate_parameters(self):
+        yield from self.gate.parameters()
+        for b in self.blocks:
+            if b.channel_gate is not None:
+                yield from b.channel_gate.parameters()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Accuracy, mean and max cost % (per sample), execution rate and mean channel fraction per
+        gated block, over `loader` (batches of (x, y))."""
+        was = self.training
+        self.eval()
+        G = len(self.blocks)
+        execs, chans = torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
+        n = correct = 0
+        cost_sum, cost_max = 0.0, 0.0
+        try:
+            for batch in loader:
+                x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+                logits, aux = self(x)
+                c = aux["cost"].double()
+                cost_sum += float(c.sum())
+                cost_max = max(cost_max, float(c.max()))
+                execs += aux["execute"].double().sum(0).cpu()
+                chans += aux["channels"].double().sum(0).cpu()
+                n += x.shape[0]
+                if y is not None:
+                    correct += int((logits.argmax(1) == y.to(logits.device)).sum())
+        finally:
+            self.train(was)
+        n = max(n, 1)
+        executed = torch.clamp(execs, min=1)
+        return {"accuracy": correct / n, "cost_pct": 100 * cost_sum / n, "max_cost_pct": 100 * cost_max,
+                "execute_rate": (execs / n).tolist(), "channel_fraction": (chans / executed).tolist(),
+                "samples": n, "unit": self.table.unit, "budget": self.budget, "halt_stage": self.halt_stage}
+
+
+def convert(model: nn.Module, cost: str = "flops", *, channel_gates: bool = True, layer_gates: bool = True,
+            exits: bool = True, input_size: tuple = (3, 32, 32), copy_model: bool = True, energy=None,
+            gate_bias=(0.0, 2.0)) -> DDINet:
+    """Give `model` DDI's layer gates, channel gates and early exits.
+
+    Args:
+        model: a pyeff CIFAR ResNet / pre-activation ResNet / DenseNet, or a torchvision ResNet.
+        cost: the cost the hinge and the budget use: "flops", "energy" (pyeff.ddi.EnergyModel unit
+            costs, `energy=`) or "latency" (timed on this machine; re-time with `measure_costs`).
+        channel_gates / layer_gates / exits: switch a kind of dynamic inference off (e.g. layer
+            skipping only: channel_gates=False).
+        input_size: (C, H, W) of one input, to size the exits and the cost table.
+        gate_bias: initial (skip, execute) logit bias of the layer gate (default: execute).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pyeff.ddi.convert expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DDINet):
+        raise TypeError("pyeff.ddi.convert: the model is already a DDINet")
+    return DDINet(copy.deepcopy(model) if copy_model else model, cost, channel_gates, layer_gates, exits, input_size,
+                  gate_bias, energy)
