@@ -9,8 +9,6 @@ choices whose mean bit-product cost is ~25%): what is measured is execution spee
 trained gate would pick. The gate still runs in every DFS timing (its cost is real).
 """
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -48,21 +46,6 @@ def _ref(net, d, x):
         return reference_forward(net, x)
 
 
-def interleaved_medians(fns: dict, rounds: int) -> dict:
-    """Median seconds per call of each fn, timed round-robin (one call of each per round, after a
-    warm-up round) so that load from other processes on a shared machine hits every variant alike
-    and the ratios stay meaningful."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     if device != "cpu":
         raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
@@ -98,7 +81,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     ref_name = "reference-style: all candidates + mask (mix A)"
     fns[ref_name] = lambda: _ref(net, dec["A (every choice)"], x)
     with torch.no_grad():
-        med = interleaved_medians(fns, rounds=3 if quick else 9)
+        med = harness.interleaved_medians(fns, rounds=3 if quick else 9)
     t_dense = med["dense float32 ResNet-38 (NCHW)"]
     best_dense = min(t_dense, med["dense float32 ResNet-38 (channels_last)"])
     t_ref = med[ref_name]

@@ -5,6 +5,8 @@ import json
 import os
 import platform
 import re
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -95,3 +97,18 @@ def markdown_table(rows: list, columns: list) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    """Median seconds per call of each fn, timed round-robin (one call of each per round, after a
+    warm-up round) so that load from other processes on a shared machine hits every variant alike
+    and the ratios stay meaningful."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

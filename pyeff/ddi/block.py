@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.dynamic import ChannelGate, route
+from pyeff.dynamic import ChannelGate, masked_all_paths, route
 from pyeff.ops.masked_conv import masked_conv2d
 
 
@@ -147,6 +147,9 @@ class DDIBlock(nn.Module):
         self.block, self.kind, self.index, self.stage = block, kind, index, stage
         self.width = kind.width(block)
         self.in_channels = kind.in_channels(block)
+        # skipped samples keep their input: at inference the executed ones are written into it in place
+        self.identity_skip = all(isinstance(getattr(block, a, None), (nn.Identity, type(None))) for a in kind.shortcut) \
+            and kind.skip is not _dense_skip
         self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold) if channel_gate else None
         self._ctl = None
 
@@ -167,8 +170,16 @@ class DDIBlock(nn.Module):
         return self.kind.execute(self.block, x, _Masks(soft, hard, training))
 
     def run(self, x: Tensor, execute: Tensor, layer_weights: Tensor | None, soft: Tensor | None,
-            hard: Tensor | None, training: bool) -> Tensor:
-        """Skip or execute each sample (execute: bool [N]); layer_weights [N, 2] straight-through."""
+            hard: Tensor | None, training: bool, execution: str = "routed") -> Tensor:
+        """Skip or execute each sample (execute: bool [N]); layer_weights [N, 2] straight-through.
+        execution: "routed" (only what was chosen) or "masked" (everything, then masks)."""
         def ex(xs, s=None, h=None):
             return self.exec_path(xs, s, h, training)
-        return route(x, execute.to(torch.int64), [self.skip_path, ex], layer_weights, extras=(soft, hard))
+        if execution == "masked":  # the papers' execution: every sample through both paths, then masked
+            def ex_all(xs, s=None, h=None):
+                return self.exec_path(xs, s, h, training=True)  # dense convs, masks as multiplies
+            return masked_all_paths(x, execute.to(torch.int64), [self.skip_path, lambda xs: ex_all(xs, soft, hard)],
+                                    layer_weights)
+        inplace = 0 if (not training and not torch.is_grad_enabled() and self.identity_skip) else None
+        return route(x, execute.to(torch.int64), [self.skip_path, ex], layer_weights, extras=(soft, hard),
+                     identity_inplace=inplace)

@@ -66,6 +66,7 @@ class _Controller:
     def __init__(self, net: "DDINet"):
         self.net = net
         self.training = False
+        self.execution = "routed"       # or "masked": every path on every sample, then masks (papers' way)
         self.open = False               # every block executed with every channel (no gates consulted)
         self.forced_execute: Tensor | None = None   # [G] or [N, G] bool
         self.forced_channels: list | None = None    # per block: bool [N, width] or None
@@ -121,7 +122,7 @@ class _Controller:
         self.spent_exact += cb.fixed + execute.double() * cb.exec_cost(r.detach().double())
         self.execute.append(execute)
         self.channels.append(r.detach() * execute)
-        return blk.run(x, execute, layer_w, soft, hard, training)
+        return blk.run(x, execute, layer_w, soft, hard, training, self.execution)
 
     def _fit_budget(self, blk, cb, execute, hard, scores):
         """Tighten this block's decisions so that every sample can still reach its exit within the
@@ -218,6 +219,19 @@ class DDINet(nn.Module):
         self.table = build_table(self, x, unit, energy or self.energy)
         self.cost_unit = unit
         return self.table
+
+    @contextlib.contextmanager
+    def execution(self, mode: str):
+        """"routed" (default: only the chosen blocks and channels run) or "masked" (every block on
+        every sample with dense convs, then the decisions applied as masks: the papers' execution,
+        for comparison; the outputs are the same)."""
+        if mode not in ("routed", "masked"):
+            raise ValueError(f"execution must be 'routed' or 'masked', got {mode!r}")
+        old, self._ctl.execution = self._ctl.execution, mode
+        try:
+            yield self
+        finally:
+            self._ctl.execution = old
 
     @contextlib.contextmanager
     def all_open(self):

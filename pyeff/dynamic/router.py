@@ -29,7 +29,8 @@ def group_indices(decisions: Tensor, num_choices: int) -> list[Tensor | None]:
 
 
 def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tensor]] | Mapping[int, Callable],
-          weights: Tensor | None = None, extras: Sequence[Tensor | None] = ()) -> Tensor:
+          weights: Tensor | None = None, extras: Sequence[Tensor | None] = (),
+          identity_inplace: int | None = None) -> Tensor:
     """out[i] = paths[decisions[i]](x[i:i+1]) computed group by group.
 
     Args:
@@ -42,6 +43,10 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
             carries the gate's gradient back through the path that ran.
         extras: per-sample tensors [N, ...] (or None) that travel with the samples: a path is
             called as `path(x_group, *extras_group)`, e.g. each sample's channel mask.
+        identity_inplace: the index of a path that is the identity, when `x` may be overwritten
+            (inference on an activation the caller owns): that path's samples keep their rows of
+            `x` and the other groups are written into `x` itself, so no batch-sized output is
+            allocated and the skipped rows are never copied. Ignored when gradients are recorded.
     """
     n = x.shape[0]
     if decisions.shape != (n,):
@@ -54,6 +59,9 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
         out = paths[k](x, *extras)
         return out if weights is None else out * _expand(weights[:, k], out)
     out = None
+    if identity_inplace is not None and weights is None and not (torch.is_grad_enabled() and x.requires_grad):
+        out = x
+        active = [k for k in active if k != identity_inplace]
     for k in active:
         idx = groups[k]
         part = paths[k](x.index_select(0, idx), *(None if e is None else e.index_select(0, idx) for e in extras))

@@ -1,0 +1,120 @@
+"""DDI ResNet-38 inference (eval, batch 128) at ~4x FLOP saving against the dense float32
+ResNet-38 and against the papers' execution (every block on every sample, then masks).
+
+    python bench/ddi.py [--quick]            (or: pyeff bench -k ddi)
+
+Decisions are fixed per sample and block (a seeded draw at the stated execution rate and channel
+density): what is measured is execution speed, not what a trained gate would pick. The gates still
+run in every DDI timing (their cost is real). A budget row runs the untrained gates under
+`set_budget(0.25)`, where the tightening (not the gates) decides what runs.
+"""
+import argparse
+
+import torch
+
+from pyeff.bench import harness
+from pyeff.ddi import convert
+from pyeff.models import create_model
+
+# (share of gated sample-blocks executed, share of inner channels active in an executed block)
+MIXES = {
+    "layers only (execute 20%)": (0.20, None),
+    "layers + channels (execute 30%, channels 60%)": (0.30, 0.60),
+    "layers + channels (execute 40%, channels 50%)": (0.40, 0.50),
+}
+
+
+def _draw(net, batch, p_exec, p_ch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = len(net.blocks)
+    ex = torch.rand(batch, G, generator=g) < p_exec
+    ch = None if p_ch is None else [torch.rand(batch, b.width, generator=g) < p_ch for b in net.blocks]
+    return ex, ch
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
+    if device != "cpu":
+        raise ValueError("bench/ddi.py measures the CPU engine; run it with --device cpu")
+    torch.manual_seed(0)
+    batch = 128
+    dense = create_model("resnet38").eval()
+    x = torch.randn(batch, 3, 32, 32)
+    net = convert(dense).eval()
+    G = len(net.blocks)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    dense_cl = create_model("resnet38").eval()
+    dense_cl.load_state_dict(dense.state_dict())
+    dense_cl = dense_cl.to(memory_format=torch.channels_last)
+
+    def forced(ex, ch, mode="routed"):
+        def f():
+            with net.forced(execute=ex, channels=ch), net.execution(mode):
+                return net(x)
+        return f
+
+    def budget(b):
+        def f():
+            net.set_budget(b)
+            try:
+                return net(x)
+            finally:
+                net.set_budget(None)
+        return f
+
+    all_on = torch.ones(G, dtype=torch.bool)
+    fns = {"dense float32 ResNet-38 (NCHW)": lambda: dense(x),
+           "dense float32 ResNet-38 (channels_last)": lambda: dense_cl(xcl),
+           "DDI, every block and channel on (gate + routing overhead)":
+               forced(all_on, [torch.ones(batch, b.width, dtype=torch.bool) for b in net.blocks])}
+    draws = {}
+    for name, (pe, pc) in MIXES.items():
+        draws[name] = _draw(net, batch, pe, pc)
+        fns[f"DDI {name}"] = forced(*draws[name])
+    ref_mix = list(MIXES)[1]
+    ref_name = f"papers' execution: every block, then masks ({ref_mix})"
+    fns[ref_name] = forced(*draws[ref_mix], mode="masked")
+    fns["DDI, untrained gates under set_budget(0.25) (greedy tightening)"] = budget(0.25)
+    cost = {}
+    with torch.no_grad():
+        for name, f in fns.items():
+            out = f()
+            if isinstance(out, tuple):
+                c = out[1]["cost"]
+                cost[name] = (100 * float(c.mean()), 100 * float(c.max()))
+        med = harness.interleaved_medians(fns, rounds=3 if quick else 9)
+    t_dense = med["dense float32 ResNet-38 (NCHW)"]
+    best_dense = min(t_dense, med["dense float32 ResNet-38 (channels_last)"])
+    t_ref = med[ref_name]
+    rows = []
+    for name, sec in med.items():
+        mean_c, max_c = cost.get(name, (100.0, 100.0))
+        rows.append({"execution": name, "FLOPs % (mean)": mean_c, "FLOPs % (max sample)": max_c,
+                     "ms / batch": sec * 1e3, "us / image": sec * 1e6 / batch,
+                     "x vs dense NCHW": t_dense / sec, "x vs best dense": best_dense / sec,
+                     "x vs papers' execution": t_ref / sec})
+        print(rows[-1], flush=True)
+    columns = ["execution", "FLOPs % (mean)", "FLOPs % (max sample)", "ms / batch", "us / image", "x vs dense NCHW",
+               "x vs best dense", "x vs papers' execution"]
+    harness.write_results(
+        "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
+        {"device": device, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)"},
+        out_dir, device,
+        notes="Medians of round-robin timings (one call of each variant per round). Decisions fixed per sample and "
+              "block (seeded draw at the stated rates); the gates still run. FLOPs % counts everything that ran "
+              "(stem, first block, shortcuts, head) against the dense network; gate FLOPs (<0.1%) are not counted. "
+              "x ...: speed-up over that row (higher is better), all measured in this run. Target: >= 2.5x the dense "
+              "ResNet-38 at ~4x FLOP saving (25%).")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter timings")
+    p.add_argument("--device", default="cpu", help="cpu only")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    a = p.parse_args(argv)
+    run(a.quick, a.device, a.out)
+
+
+if __name__ == "__main__":
+    main()
