@@ -10,6 +10,7 @@ COMMANDS = {
     "reproduce": "pyeff.experiments",
     "bench": "pyeff.bench",
     "dfs": "pyeff.dfs.cli",
+    "ddi": "pyeff.ddi.cli",
 }
 
 

@@ -116,7 +116,15 @@ class ImageDataset:
         class_order = rng.permutation(self.num_classes)
         key = rank * self.num_classes + np.argsort(class_order)[labels]
         keep = np.sort(perm[np.argsort(key, kind="stable")[:n]])
-        idx = torch.from_numpy(keep)
+        return self.take(torch.from_numpy(keep))
+
+    def take(self, indices) -> "ImageDataset":
+        """The samples at `indices` (a sequence, range or int64 tensor), in that order; mean/std are kept."""
+        idx = torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.int64)
+        if idx.dim() != 1:
+            raise ValueError(f"indices must be one-dimensional, got shape {tuple(idx.shape)}")
+        if len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < len(self)):
+            raise IndexError(f"indices must lie in [0, {len(self)})")
         return ImageDataset(self.images[idx], self.labels[idx], classes=self.classes, mean=self.mean,
                             std=self.std, name=self.name, hflip=self.hflip, split=self.split)
 

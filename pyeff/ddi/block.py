@@ -87,6 +87,10 @@ def _dense_skip(b, x):
     return torch.cat([x, x.new_zeros(n, b.growth, H, W)], 1)
 
 
+def _inner(b) -> int:  # the inner width: conv1's output channels (also after static pruning)
+    return b.conv1.out_channels
+
+
 @dataclass(frozen=True)
 class BlockKind:
     """How DDI drives one type of block."""
@@ -104,21 +108,20 @@ def block_kind(block: nn.Module) -> BlockKind | None:
 
     two = (("conv1", False, True), ("conv2", True, False))
     if isinstance(block, BasicBlock):
-        return BlockKind(_basic(_pyeff_shortcut), _pyeff_shortcut, lambda b: b.planes, two, ("shortcut",),
-                         lambda b: b.in_planes)
+        return BlockKind(_basic(_pyeff_shortcut), _pyeff_shortcut, _inner, two, ("shortcut",), lambda b: b.in_planes)
     if isinstance(block, PreActBlock):
-        return BlockKind(_preact, _pyeff_shortcut, lambda b: b.planes, two, ("shortcut",), lambda b: b.in_planes)
+        return BlockKind(_preact, _pyeff_shortcut, _inner, two, ("shortcut",), lambda b: b.in_planes)
     if isinstance(block, DenseLayer):
-        return BlockKind(_dense, _dense_skip, lambda b: b.width, two, (), lambda b: b.in_channels)
+        return BlockKind(_dense, _dense_skip, _inner, two, (), lambda b: b.in_channels)
     try:
         from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
     except ImportError:  # torchvision is optional
         return None
     if isinstance(block, TVBasic):
-        return BlockKind(_basic(_tv_shortcut), _tv_shortcut, lambda b: b.conv1.out_channels, two, ("downsample",),
+        return BlockKind(_basic(_tv_shortcut), _tv_shortcut, _inner, two, ("downsample",),
                          lambda b: b.conv1.in_channels)
     if isinstance(block, TVBottleneck):
-        return BlockKind(_bottleneck, _tv_shortcut, lambda b: b.conv1.out_channels,
+        return BlockKind(_bottleneck, _tv_shortcut, _inner,
                          (("conv1", False, True), ("conv2", True, True), ("conv3", True, False)), ("downsample",),
                          lambda b: b.conv1.in_channels)
     return None
@@ -136,10 +139,12 @@ class DDIBlock(nn.Module):
         index: position among the gated blocks (the recurrent gate's step, the cost table's row).
         stage: the stage (0-based) the block belongs to (for halting at exits).
         channel_gate: give the block a channel gate (False: layer skipping only).
+        init_open: the channel gate's initial logit bias (sigmoid(1.5) = 0.82: every channel kept,
+            with enough slope left for the cost term to move them; at 3.0 they barely moved).
     """
 
     def __init__(self, block: nn.Module, index: int, stage: int, channel_gate: bool = True,
-                 reduction: int = 4, threshold: float = 0.5):
+                 reduction: int = 4, threshold: float = 0.5, init_open: float = 1.5):
         super().__init__()
         kind = block_kind(block)
         if kind is None:
@@ -150,7 +155,8 @@ class DDIBlock(nn.Module):
         # skipped samples keep their input: at inference the executed ones are written into it in place
         self.identity_skip = all(isinstance(getattr(block, a, None), (nn.Identity, type(None))) for a in kind.shortcut) \
             and kind.skip is not _dense_skip
-        self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold) if channel_gate else None
+        self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold, init_open) \
+            if channel_gate else None
         self._ctl = None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -66,6 +66,11 @@ class CostTable:
         return (sum(self.ungated[:stage + 1]) + sum(b.fixed for b in self.blocks if b.stage <= stage)
                 + self.exit_cost(stage))
 
+    def full_to(self, stage: int) -> float:
+        """What a sample pays when every block runs in full and the network halts after `stage`."""
+        return (sum(self.ungated[:stage + 1]) + sum(b.full for b in self.blocks if b.stage <= stage)
+                + self.exit_cost(stage))
+
     def reserve_after(self, index: int, stage: int) -> float:
         """The mandatory cost not yet charged after gated block `index` when halting after `stage`:
         the later blocks' shortcuts, the later stages' ungated parts (charged when a stage starts)

@@ -60,6 +60,10 @@ def _parts(model: nn.Module):
                     "DenseNets or a torchvision ResNet (a network with stem, stages() and head)")
 
 
+def _stage_name(model: nn.Module, stage: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is stage)
+
+
 class _Controller:
     """Per-forward state shared by the blocks of one DDINet (a plain object, not a module)."""
 
@@ -113,7 +117,7 @@ class _Controller:
         if self.forced_channels is not None and self.forced_channels[blk.index] is not None:
             hard = self.forced_channels[blk.index].to(x.device)
             soft = hard.to(x.dtype)
-        if net.budget is not None and not training:
+        if net.budget is not None and net.tighten and not training:
             execute, hard, soft = self._fit_budget(blk, cb, execute, hard, scores)
         # cost
         r = soft.mean(1) if soft is not None else torch.ones(n, dtype=x.dtype, device=x.device)
@@ -173,6 +177,7 @@ class DDINet(nn.Module):
             replace_submodule(stage, name, d)
             wrapped.append(d)
         self.blocks = wrapped  # a plain list: the blocks are registered inside `model`
+        self.block_names = [f"{_stage_name(model, stage)}.{name}" for _, stage, name, _ in found[1:]]
         self.layer_gates, self.channel_gates = layer_gates, channel_gates
         self.gate = RecurrentGate([d.in_channels for d in wrapped], 2, embed_dim, hidden_dim, mode="argmax",
                                   bias=gate_bias)
@@ -193,6 +198,7 @@ class DDINet(nn.Module):
                     self.exits.append(ExitHead(h.shape[1], self._num_classes(head), h.shape[-1]))
             model.train(was)
         self.budget: float | None = None
+        self.tighten = True
         self.halt_stage = len(stages) - 1
         self.collect_exits = False
         self.cost_unit = cost
@@ -302,53 +308,59 @@ class DDINet(nn.Module):
         stages = range(len(self.parts[1])) if stage is None else [stage]
         return min(self.table.mandatory(s) for s in stages) / self.table.dense
 
-    def set_budget(self, budget: float | None, exit: int | str = "auto") -> "DDINet":
+    def set_budget(self, budget: float | None, exit: int | str = "auto", tighten: bool = True) -> "DDINet":
         """At inference, keep every sample's cost within `budget` (a fraction of the dense network's
         cost in the table's unit; None removes the budget).
 
         exit: the stage after which to halt (0-based; the last stage = the final classifier), or
-        "auto": the best exit measured by `tune_budget` for the largest tuned budget <= `budget`,
-        else the deepest exit whose mandatory cost fits."""
+            "auto": the best exit measured by `tune_budget` for the largest tuned budget <= `budget`,
+            else the deepest exit that fits.
+        tighten: True (default): per sample, fewer channels and then skipped blocks wherever the
+            gates' choice would overrun the budget. False: halting alone: the deepest exit whose
+            cost with every block in full fits, and the gates as they are."""
         if budget is None:
-            self.budget, self.halt_stage = None, len(self.parts[1]) - 1
+            self.budget, self.halt_stage, self.tighten = None, len(self.parts[1]) - 1, True
             return self
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget:
             raise ValueError(f"pyeff.ddi: budget is a fraction of the dense cost (e.g. 0.5), got {budget!r}")
         last = len(self.parts[1]) - 1
-        feasible = [s for s in range(last + 1) if self.table.mandatory(s) <= budget * self.table.dense * (1 + 1e-9)
+        need = self.table.mandatory if tighten else self.table.full_to
+        feasible = [s for s in range(last + 1) if need(s) <= budget * self.table.dense * (1 + 1e-9)
                     and (s == last or s < len(self.exits))]
         if not feasible:
+            cheapest = min(need(s) for s in range(len(self.exits) + 1) if s == last or s < len(self.exits))
             raise ValueError(f"pyeff.ddi: a budget of {100 * budget:.1f}% is below the cheapest exit's cost "
-                             f"({100 * self.min_budget():.1f}% of the dense {self.table.unit})")
+                             f"({100 * cheapest / self.table.dense:.1f}% of the dense {self.table.unit}"
+                             f"{'' if tighten else ' with every block in full'})")
         if exit == "auto":
             stage = max(feasible)
-            if self.budget_exits:
+            if self.budget_exits and tighten:
                 tuned = [b for b in self.budget_exits if b <= budget + 1e-12]
                 if tuned and self.budget_exits[max(tuned)] in feasible:
                     stage = self.budget_exits[max(tuned)]
         else:
-            if not isinstance(exit, int) or not 0 <= exit <= last:
+            if not isinstance(exit, int) or isinstance(exit, bool) or not 0 <= exit <= last:
                 raise ValueError(f"pyeff.ddi: exit must be 'auto' or a stage in [0, {last}], got {exit!r}")
             if exit not in feasible:
                 raise ValueError(f"pyeff.ddi: halting after stage {exit} costs at least "
-                                 f"{100 * self.min_budget(exit):.1f}%, above the budget {100 * budget:.1f}%")
+                                 f"{100 * need(exit) / self.table.dense:.1f}%, above the budget {100 * budget:.1f}%")
             stage = exit
-        self.budget, self.halt_stage = float(budget), stage
+        self.budget, self.halt_stage, self.tighten = float(budget), stage, tighten
         return self
 
     @torch.no_grad()
-    def tune_budget(self, loader, budgets: Iterable[float]) -> dict:
+    def tune_budget(self, loader, budgets: Iterable[float], tighten: bool = True) -> dict:
         """For each budget, measure the accuracy of halting at every feasible exit on `loader`
         (held-out data) and remember the best, so that `set_budget(b)` picks it. Returns
         {budget: {"exit": stage, "accuracy": acc, "per_exit": {stage: acc}}}."""
         result, best = {}, {}
-        old = (self.budget, self.halt_stage)
+        old = (self.budget, self.halt_stage, self.tighten)
         try:
             for b in budgets:
                 per = {}
                 for s in range(len(self.parts[1])):
                     try:
-                        self.set_budget(b, exit=s)
+                        self.set_budget(b, exit=s, tighten=tighten)
                     except ValueError:
                         continue
                     per[s] = self.evaluate(loader)["accuracy"]
@@ -357,8 +369,9 @@ class DDINet(nn.Module):
                     best[float(b)] = s_best
                     result[float(b)] = {"exit": s_best, "accuracy": per[s_best], "per_exit": per}
         finally:
-            self.budget, self.halt_stage = old
-        self.budget_exits = best
+            self.budget, self.halt_stage, self.tighten = old
+        if tighten:
+            self.budget_exits = best
         return result
 
     # -- forced decisions (benchmarks, tests) -------------------------------------------------

@@ -79,7 +79,7 @@ def evaluate(net, meta: dict, test_set, batch_size: int = 128, min_run_time: flo
     """Accuracy, computation %, decision statistics, and wall-clock per image of the DFS net
     against its dense float model (eval, batch `batch_size`, median of torch.utils.benchmark)."""
     from pyeff.data import BatchLoader
-    from pyeff.experiments.measure import inference_latency
+    from pyeff.experiments.measure import inference_latency, latency_on
 
     loader = BatchLoader(test_set, batch_size, shuffle=False, augment=False)
     stats = net.decision_stats(loader)
@@ -87,7 +87,7 @@ def evaluate(net, meta: dict, test_set, batch_size: int = 128, min_run_time: flo
     shape = (batch_size,) + tuple(test_set.images.shape[1:])
     # time on real images: the gate's decisions (hence the work) depend on the input
     x = next(iter(BatchLoader(test_set, batch_size, shuffle=True, augment=False)))[0]
-    t_dfs = _latency(net, x, min_run_time)
+    t_dfs = latency_on(net, x, min_run_time)
     t_dense = inference_latency(dense, shape, min_run_time=min_run_time)["per_image_ms"]
     return {"accuracy_pct": 100 * stats.get("accuracy", float("nan")), "computation_pct": stats["computation_pct"],
             "dfs_ms_per_image": t_dfs, "dense_ms_per_image": t_dense, "speedup": t_dense / t_dfs, "stats": stats,
@@ -107,21 +107,6 @@ def dense_model(net):
             parent = dense.get_submodule(parent_name) if parent_name else dense
             setattr(parent, child, m.block)
     return dense.eval()
-
-
-def _latency(net, x, min_run_time):
-    import torch
-    from torch.utils import benchmark
-
-    net.eval()
-
-    def run():
-        with torch.no_grad():
-            return net(x)
-    run()
-    m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    return 1e3 * m.median / x.shape[0]
 
 
 def stats_table(stats: dict) -> list:

@@ -30,7 +30,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     from pyeff.dfs.cli import dense_model
     from pyeff.dfs.model import convert
     from pyeff.dfs.recipe import DEFAULT_BETA, GATE_PHASE_BETA, DFSHook, _sgd, calibration_batches, load_base
-    from pyeff.experiments.measure import inference_latency
+    from pyeff.experiments.measure import inference_latency, latency_on
     from pyeff.train import TrainConfig, load_data, run_training
 
     P = dict(QUICK if quick else FULL)
@@ -71,9 +71,8 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
              "accuracy %": dense_acc, "ms / image": dense_ms, "dense ms / image": dense_ms, "speed-up": 1.0}]
 
     def timed(net):
-        from pyeff.dfs.cli import _latency
         d_ms = inference_latency(dense_model(net), shape, min_run_time=time_per_point)["per_image_ms"]
-        return _latency(net, x_time, time_per_point), d_ms  # dense re-measured beside each point
+        return latency_on(net, x_time, time_per_point), d_ms  # dense re-measured beside each point
 
     def point(method, net, target, note_bits):
         stats = net.decision_stats(loader)

@@ -8,6 +8,25 @@ import platform
 import torch
 
 
+def latency_on(model, x, min_run_time: float = 1.0) -> float:
+    """Milliseconds per image of model(x) in eval under no_grad, on the given batch (real images
+    matter for dynamic models: their decisions, hence their work, depend on the input); median of
+    torch.utils.benchmark's blocked_autorange after a warm-up call."""
+    from torch.utils import benchmark
+
+    was = model.training
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            return model(x)
+    run()
+    m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    model.train(was)
+    return 1e3 * m.median / x.shape[0]
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -1,0 +1,119 @@
+"""Static channel pruning, the baseline DDI is compared against at equal FLOPs: every block keeps
+the same fraction of its inner channels (those between its convs), chosen by the L1 norm of the
+first conv's filters (Li et al., "Pruning Filters for Efficient ConvNets"), and the network is
+physically slimmed: the result is an ordinary, smaller dense network.
+
+    slim = prune_inner_channels(model, keep=0.5)
+    slim = prune_to_flops(model, 0.25, input_size=(3, 32, 32))   # keep chosen to hit 25% of the FLOPs
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pyeff.dynamic import module_flops
+from pyeff.dynamic.modules import find_blocks
+
+# per block type: (attribute, dimension of the inner channels) of every module that holds them
+_PLANS = {
+    "BasicBlock": (("conv1", 0), ("bn1", 0), ("conv2", 1)),
+    "PreActBlock": (("conv1", 0), ("bn2", 0), ("conv2", 1)),
+    "DenseLayer": (("conv1", 0), ("bn2", 0), ("conv2", 1)),
+}
+_TV_PLANS = {
+    "BasicBlock": (("conv1", 0), ("bn1", 0), ("conv2", 1)),
+    "Bottleneck": (("conv1", 0), ("bn1", 0), ("conv2", 1), ("conv2", 0), ("bn2", 0), ("conv3", 1)),
+}
+
+
+def _plan(block: nn.Module):
+    from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
+    from pyeff.models.densenet import DenseLayer
+
+    for cls in (BasicBlock, PreActBlock, DenseLayer):
+        if type(block) is cls:
+            return _PLANS[cls.__name__]
+    try:
+        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
+    except ImportError:
+        return None
+    for cls in (TVBasic, TVBottleneck):
+        if type(block) is cls:
+            return _TV_PLANS[cls.__name__]
+    return None
+
+
+def _slice_conv(conv: nn.Conv2d, idx: torch.Tensor, dim: int) -> nn.Conv2d:
+    w = conv.weight.detach().index_select(dim, idx)
+    new = nn.Conv2d(w.shape[1] * conv.groups, w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode)
+    new.weight.data.copy_(w)
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.detach().index_select(0, idx) if dim == 0 else conv.bias.detach())
+    return new
+
+
+def _slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(idx), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if bn.affine:
+        new.weight.data.copy_(bn.weight.detach()[idx])
+        new.bias.data.copy_(bn.bias.detach()[idx])
+    if bn.track_running_stats:
+        new.running_mean.copy_(bn.running_mean[idx])
+        new.running_var.copy_(bn.running_var[idx])
+        new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+def prune_inner_channels(model: nn.Module, keep: float) -> nn.Module:
+    """A copy of `model` whose every supported block keeps round(keep x width) inner channels
+    (at least one), the ones whose first-conv filters have the largest L1 norm."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep is the fraction of inner channels to keep, in (0, 1], got {keep}")
+    model = copy.deepcopy(model)
+    blocks = find_blocks(model, lambda m: _plan(m) is not None)
+    if not blocks:
+        raise TypeError(f"prune_inner_channels: {type(model).__name__} has no supported block (pyeff BasicBlock, "
+                        "PreActBlock, DenseLayer; torchvision BasicBlock, Bottleneck)")
+    for _, blk in blocks:
+        plan = _plan(blk)
+        width = blk.conv1.out_channels
+        k = max(1, int(round(keep * width)))
+        score = blk.conv1.weight.detach().abs().flatten(1).sum(1)
+        idx = score.argsort(descending=True)[:k].sort().values
+        for attr, dim in plan:
+            m = getattr(blk, attr)
+            new = _slice_bn(m, idx) if isinstance(m, nn.BatchNorm2d) else _slice_conv(m, idx, dim)
+            setattr(blk, attr, new.train(m.training).to(m.weight.device))
+        if hasattr(blk, "width"):  # DenseLayer records its inner width
+            blk.width = k
+    return model
+
+
+def prune_to_flops(model: nn.Module, fraction: float, input_size=(3, 32, 32), tol: float = 0.005) -> tuple:
+    """(slimmed model, keep) with `keep` found by bisection so that the slimmed network's FLOPs are
+    `fraction` of `model`'s (as close as whole channels allow); raises if even one channel per block
+    costs more."""
+    x = torch.zeros(1, *input_size)
+    was = model.training
+    model.eval()
+    dense = module_flops(model, x)
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        slim = prune_inner_channels(model, max(mid, 1e-6))
+        f = module_flops(slim.eval(), x) / dense
+        if f <= fraction:
+            lo, best = mid, (slim, mid, f)
+        else:
+            hi = mid
+        if best is not None and fraction - best[2] < tol:
+            break
+    model.train(was)
+    if best is None:
+        raise ValueError(f"prune_to_flops: even one inner channel per block costs more than {100 * fraction:.1f}% of "
+                         "the FLOPs (the stem, shortcuts and head stay)")
+    return best[0], best[1]
