@@ -19,8 +19,13 @@ from pyeff.models import create_model
 # (share of gated sample-blocks executed, share of inner channels active in an executed block)
 MIXES = {
     "layers only (execute 20%)": (0.20, None),
-    "layers + channels (execute 30%, channels 60%)": (0.30, 0.60),
-    "layers + channels (execute 40%, channels 50%)": (0.40, 0.50),
+    "layers + channel masks (execute 30%, channels 60%)": (0.30, 0.60),
+    "layers + channel masks (execute 40%, channels 50%)": (0.40, 0.50),
+}
+# width mode: (share executed, the widths drawn uniformly from)
+WIDTH_MIXES = {
+    "layers + widths (execute 30%, widths 50/75%)": (0.30, (1, 2)),
+    "layers + widths (execute 40%, widths 25/50/75%)": (0.40, (0, 1, 2)),
 }
 
 
@@ -29,6 +34,15 @@ def _draw(net, batch, p_exec, p_ch, seed=0):
     G = len(net.blocks)
     ex = torch.rand(batch, G, generator=g) < p_exec
     ch = None if p_ch is None else [torch.rand(batch, b.width, generator=g) < p_ch for b in net.blocks]
+    return ex, ch
+
+
+def _draw_widths(net, batch, p_exec, choices, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = len(net.blocks)
+    ex = torch.rand(batch, G, generator=g) < p_exec
+    opts = torch.tensor(choices)
+    ch = [opts[torch.randint(0, len(opts), (batch,), generator=g)] for _ in net.blocks]
     return ex, ch
 
 
@@ -46,7 +60,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     dense_cl.load_state_dict(dense.state_dict())
     dense_cl = dense_cl.to(memory_format=torch.channels_last)
 
-    def forced(ex, ch, mode="routed"):
+    wnet = convert(dense, channel_mode="width").eval()  # widths 25/50/75/100% of the inner channels
+
+    def forced(ex, ch, mode="routed", net=net):
         def f():
             with net.forced(execute=ex, channels=ch), net.execution(mode):
                 return net(x)
@@ -70,6 +86,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     for name, (pe, pc) in MIXES.items():
         draws[name] = _draw(net, batch, pe, pc)
         fns[f"DDI {name}"] = forced(*draws[name])
+    for name, (pe, choices) in WIDTH_MIXES.items():
+        fns[f"DDI {name}"] = forced(*_draw_widths(wnet, batch, pe, choices), net=wnet)
     ref_mix = list(MIXES)[1]
     ref_name = f"papers' execution: every block, then masks ({ref_mix})"
     fns[ref_name] = forced(*draws[ref_mix], mode="masked")
@@ -97,7 +115,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
                "x vs best dense", "x vs papers' execution"]
     harness.write_results(
         "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)"},
+        {"device": device, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
+         "channel masks": "channel_mode='mask': any subset of inner channels per sample (pyeff.ops.masked_conv2d)",
+         "widths": "channel_mode='width': the first 25/50/75/100% of the inner channels (importance-sorted), "
+                   "dense convs on sliced weights, samples grouped by width"},
         out_dir, device,
         notes="Medians of round-robin timings (one call of each variant per round). Decisions fixed per sample and "
               "block (seeded draw at the stated rates); the gates still run. FLOPs % counts everything that ran "

@@ -43,6 +43,8 @@ MODELS = ["resnet20", "preresnet20", "densenet", "torchvision.resnet18", "torchv
 def _random_decisions(net, n, g, p_exec=0.5, p_ch=0.5):
     G = len(net.blocks)
     ex = torch.rand(n, G, generator=g) < p_exec
+    if net.channel_mode == "width":
+        return ex, [torch.randint(0, len(b.counts), (n,), generator=g) for b in net.blocks]
     ch = [torch.rand(n, b.width, generator=g) < p_ch for b in net.blocks]
     if n > 1:  # the extremes too: a sample with every channel off, one with every channel on
         for c in ch:
@@ -51,28 +53,31 @@ def _random_decisions(net, n, g, p_exec=0.5, p_ch=0.5):
     return ex, ch
 
 
+@pytest.mark.parametrize("mode", ["mask", "width"])
 @pytest.mark.parametrize("name", MODELS)
-def test_open_gates_equal_base_model(name, rng):
+def test_open_gates_equal_base_model(name, mode, rng):
     base, size = _model(name, rng)
-    net = convert(base, input_size=size).eval()
+    net = convert(base, input_size=size, channel_mode=mode).eval()
     x = torch.randn(5, *size, generator=rng)
     G = len(net.blocks)
     with torch.no_grad():
         ref = base(x)
         with net.all_open():
             a, aux_a = net(x)
-        with net.forced(execute=torch.ones(G, dtype=torch.bool),
-                        channels=[torch.ones(5, b.width, dtype=torch.bool) for b in net.blocks]):
+        full = [torch.full((5,), len(b.counts) - 1) if mode == "width" else torch.ones(5, b.width, dtype=torch.bool)
+                for b in net.blocks]
+        with net.forced(execute=torch.ones(G, dtype=torch.bool), channels=full):
             b, aux_b = net(x)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux_b["cost"], torch.ones(5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("mode", ["mask", "width"])
 @pytest.mark.parametrize("name", MODELS)
-def test_routed_equals_masked_and_training_execution(name, rng):
+def test_routed_equals_masked_and_training_execution(name, mode, rng):
     base, size = _model(name, rng)
-    net = convert(base, input_size=size).eval()
+    net = convert(base, input_size=size, channel_mode=mode).eval()
     n = 6
     x = torch.randn(n, *size, generator=rng)
     ex, ch = _random_decisions(net, n, rng)
@@ -118,11 +123,12 @@ def test_cost_matches_hand_computation(rng):
     assert t.blocks[0].c1 == pytest.approx(convs) and t.blocks[0].c0 == 0 and G == 8
 
 
-@pytest.mark.parametrize("unit", ["flops", "energy", "latency"])
+@pytest.mark.parametrize("unit,mode", [("flops", "mask"), ("energy", "mask"), ("latency", "mask"),
+                                       ("flops", "width"), ("latency", "width")])
 @pytest.mark.parametrize("name", ["resnet20", "densenet"])
-def test_no_sample_exceeds_the_budget(name, unit, rng):
+def test_no_sample_exceeds_the_budget(name, unit, mode, rng):
     base, size = _model(name, rng)
-    net = convert(base, cost=unit, input_size=size).eval()
+    net = convert(base, cost=unit, input_size=size, channel_mode=mode).eval()
     # gates that execute and keep almost everything, so the budget has to do the work
     with torch.no_grad():
         net.gate.head.bias.copy_(torch.tensor([-3.0, 3.0]))
@@ -227,6 +233,21 @@ def test_static_pruning(name, rng):
         prune_inner_channels(base, 0.0)
 
 
+def test_sort_inner_channels_keeps_the_function(rng):
+    from pyeff.ddi.prune import _plan, sort_inner_channels
+
+    for name in ("resnet20", "densenet", "torchvision.resnet50"):
+        base, size = _model(name, rng)
+        x = torch.randn(2, *size, generator=rng)
+        import copy
+        sorted_ = sort_inner_channels(copy.deepcopy(base))
+        with torch.no_grad():
+            torch.testing.assert_close(sorted_(x), base(x), rtol=1e-4, atol=1e-4)  # summation order changes
+        blk = next(m for m in sorted_.modules() if _plan(m) is not None)
+        norms = blk.conv1.weight.abs().flatten(1).sum(1)
+        assert torch.all(norms[:-1] >= norms[1:])
+
+
 def test_errors(rng):
     base, size = _model("resnet20", rng)
     net = convert(base, input_size=size)
@@ -248,6 +269,14 @@ def test_errors(rng):
     with pytest.raises(ValueError, match="execution"):
         with net.execution("simulate"):
             pass
+    wnet = convert(base, input_size=size, channel_mode="width")
+    with pytest.raises(ValueError, match="width indices"):
+        with wnet.forced(channels=[torch.ones(2, b.width, dtype=torch.bool) for b in wnet.blocks]):
+            pass
+    with pytest.raises(ValueError, match="channel_mode"):
+        convert(base, channel_mode="slices")
+    with pytest.raises(ValueError, match="widths"):
+        convert(base, channel_mode="width", widths=(0.0, 1.0))
 
 
 def test_hook_trains_exits_and_moves_cost(tmp_path):

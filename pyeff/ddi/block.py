@@ -16,13 +16,13 @@ values are the same as at inference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.dynamic import ChannelGate, masked_all_paths, route
+from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
 from pyeff.ops.masked_conv import masked_conv2d
 
 
@@ -39,11 +39,38 @@ class _Masks:
         return masked_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                              in_mask=self.hard if in_gated else None, out_mask=self.hard if out_gated else None)
 
+    def bn(self, bn: nn.Module, h: Tensor) -> Tensor:
+        return bn(h)
+
     def apply(self, h: Tensor) -> Tensor:
         """After the activation of a gated conv's output: zero the inactive channels (training; at
         inference the next conv does not read them)."""
         if self.training and self.soft is not None:
             return h * self.soft[:, :, None, None].to(h.dtype)
+        return h
+
+
+class _Slice:
+    """Width mode at inference: the first k inner channels run, as ordinary dense convs on sliced
+    weights (oneDNN/cuDNN speed; no per-channel masks)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
+        w, b = conv.weight, conv.bias
+        if out_gated:
+            w, b = w[:self.k], (None if b is None else b[:self.k])
+        if in_gated:
+            w = w[:, :self.k]
+        return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def bn(self, bn: nn.BatchNorm2d, h: Tensor) -> Tensor:
+        k = self.k
+        return F.batch_norm(h, bn.running_mean[:k], bn.running_var[:k], None if bn.weight is None else bn.weight[:k],
+                            None if bn.bias is None else bn.bias[:k], False, 0.0, bn.eps)
+
+    def apply(self, h: Tensor) -> Tensor:
         return h
 
 
@@ -61,24 +88,24 @@ def _tv_shortcut(b, x):
 
 def _basic(shortcut):
     def run(b, x, M):
-        h = M.apply(F.relu(b.bn1(M.conv(b.conv1, x, False, True))))
+        h = M.apply(F.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
         return F.relu(b.bn2(M.conv(b.conv2, h, True, False)) + shortcut(b, x))
     return run
 
 
 def _preact(b, x, M):
-    h = M.apply(F.relu(b.bn2(M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
+    h = M.apply(F.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
     return M.conv(b.conv2, h, True, False) + b.shortcut(x)
 
 
 def _bottleneck(b, x, M):
-    h = M.apply(F.relu(b.bn1(M.conv(b.conv1, x, False, True))))
-    h = M.apply(F.relu(b.bn2(M.conv(b.conv2, h, True, True))))
+    h = M.apply(F.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
+    h = M.apply(F.relu(M.bn(b.bn2, M.conv(b.conv2, h, True, True))))
     return F.relu(b.bn3(M.conv(b.conv3, h, True, False)) + _tv_shortcut(b, x))
 
 
 def _dense(b, x, M):
-    h = M.apply(F.relu(b.bn2(M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
+    h = M.apply(F.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
     return torch.cat([x, M.conv(b.conv2, h, True, False)], 1)
 
 
@@ -127,6 +154,21 @@ def block_kind(block: nn.Module) -> BlockKind | None:
     return None
 
 
+CHANNEL_MODES = ("mask", "width")
+DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _check_widths(widths) -> list:
+    try:
+        ws = [float(w) for w in widths]
+    except (TypeError, ValueError):
+        raise TypeError(f"pyeff.ddi: widths must be fractions of the inner channels such as (0.25, 0.5, 1), "
+                        f"got {widths!r}") from None
+    if not ws or any(not 0 < w <= 1 for w in ws):
+        raise ValueError(f"pyeff.ddi: widths must be fractions in (0, 1], got {tuple(widths)}")
+    return ws
+
+
 SUPPORTED = ("pyeff BasicBlock, PreActBlock and DenseLayer; torchvision BasicBlock and Bottleneck")
 
 
@@ -141,10 +183,15 @@ class DDIBlock(nn.Module):
         channel_gate: give the block a channel gate (False: layer skipping only).
         init_open: the channel gate's initial logit bias (sigmoid(1.5) = 0.82: every channel kept,
             with enough slope left for the cost term to move them; at 3.0 they barely moved).
+        channel_mode: "mask" (DDI's channel gate: any subset of inner channels per sample, run by
+            pyeff.ops.masked_conv2d) or "width" (a per-sample choice among `widths`, fractions of the
+            inner channels: the first k channels run as dense convs on sliced weights, samples
+            grouped by width; `convert` orders the channels by importance first).
     """
 
     def __init__(self, block: nn.Module, index: int, stage: int, channel_gate: bool = True,
-                 reduction: int = 4, threshold: float = 0.5, init_open: float = 1.5):
+                 reduction: int = 4, threshold: float = 0.5, init_open: float = 1.5, channel_mode: str = "mask",
+                 widths: Sequence[float] = DEFAULT_WIDTHS):
         super().__init__()
         kind = block_kind(block)
         if kind is None:
@@ -155,8 +202,22 @@ class DDIBlock(nn.Module):
         # skipped samples keep their input: at inference the executed ones are written into it in place
         self.identity_skip = all(isinstance(getattr(block, a, None), (nn.Identity, type(None))) for a in kind.shortcut) \
             and kind.skip is not _dense_skip
-        self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold, init_open) \
-            if channel_gate else None
+        if channel_mode not in CHANNEL_MODES:
+            raise ValueError(f"pyeff.ddi: channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}")
+        self.channel_mode = channel_mode if channel_gate else None
+        if channel_gate and channel_mode == "width":
+            for attr, in_g, out_g in kind.convs:
+                if getattr(block, attr).groups != 1 and (in_g or out_g):
+                    raise ValueError(f"pyeff.ddi: width mode slices the inner channels, which a grouped conv "
+                                     f"({type(block).__name__}.{attr}) does not allow; use channel_mode='mask'")
+            counts = sorted({min(self.width, max(1, int(round(float(f) * self.width)))) for f in _check_widths(widths)})
+            self.register_buffer("counts", torch.tensor(counts), persistent=False)
+            self.register_buffer("prefix", (torch.arange(self.width)[None, :] < self.counts[:, None]).float(),
+                                 persistent=False)
+            self.channel_gate = WidthGate(self.in_channels, len(counts), reduction)
+        else:
+            self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold, init_open) \
+                if channel_gate else None
         self._ctl = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -186,6 +247,19 @@ class DDIBlock(nn.Module):
                 return self.exec_path(xs, s, h, training=True)  # dense convs, masks as multiplies
             return masked_all_paths(x, execute.to(torch.int64), [self.skip_path, lambda xs: ex_all(xs, soft, hard)],
                                     layer_weights)
-        inplace = 0 if (not training and not torch.is_grad_enabled() and self.identity_skip) else None
         return route(x, execute.to(torch.int64), [self.skip_path, ex], layer_weights, extras=(soft, hard),
-                     identity_inplace=inplace)
+                     identity_inplace=self._inplace(training))
+
+    def _inplace(self, training: bool):
+        return 0 if (not training and not torch.is_grad_enabled() and self.identity_skip) else None
+
+    def width_path(self, k: int):
+        """Inference in width mode: the block with its first k inner channels."""
+        M = _Slice(k) if k < self.width else _Masks(None, None, False)
+        return lambda xs: self.kind.execute(self.block, xs, M)
+
+    def run_width(self, x: Tensor, choice: Tensor) -> Tensor:
+        """Inference in width mode: choice [N] is 0 (skip) or 1 + the index of the sample's width;
+        samples are grouped by choice and each group runs one dense block of its width."""
+        paths = [self.skip_path] + [self.width_path(int(k)) for k in self.counts.tolist()]
+        return route(x, choice, paths, identity_inplace=self._inplace(False))

@@ -35,6 +35,9 @@ def register(subparsers):
     a("--exit-weight", type=float, default=DEFAULT_EXIT_WEIGHT, help="weight of each early exit's loss")
     a("--no-channel-gates", action="store_true", help="layer skipping only")
     a("--no-layer-gates", action="store_true", help="channel skipping only")
+    a("--channel-mode", choices=["mask", "width"], default="mask",
+      help="mask = any subset of inner channels per sample; width = a per-sample width (25/50/75/100%%), "
+           "run as dense convs on sliced weights")
     a("--base-checkpoint", default=None, help="a pyeff checkpoint of --model: skips phase 1")
     a("--base-epochs", type=int, default=10, help="phase 1 epochs (float network)")
     a("--ddi-epochs", type=int, default=5, help="phase 2 epochs (network, exits and gates)")
@@ -69,7 +72,8 @@ def train_main(args) -> int:
 
     res = train_ddi(args.model, args.dataset, cost=args.cost, target=args.target, beta=args.beta,
                     exit_weight=args.exit_weight, channel_gates=not args.no_channel_gates,
-                    layer_gates=not args.no_layer_gates, base_epochs=args.base_epochs, ddi_epochs=args.ddi_epochs,
+                    layer_gates=not args.no_layer_gates, channel_mode=args.channel_mode,
+                    base_epochs=args.base_epochs, ddi_epochs=args.ddi_epochs,
                     lr=args.lr, ddi_lr=args.ddi_lr, batch_size=args.batch_size, train_subset=args.train_subset,
                     test_subset=args.test_subset, data_dir=args.data_dir, seed=args.seed, device=args.device,
                     out_dir=args.out, base_checkpoint=args.base_checkpoint, threads=args.threads)

@@ -194,9 +194,16 @@ def _latency_table(net, x: Tensor, repeats: int) -> CostTable:
     for blk in net.blocks:
         xi = inputs[blk]
         t_full = per_sample(lambda: blk.exec_path(xi))
-        half = torch.rand(n, blk.width, generator=gen).argsort(1) < max(1, blk.width // 2)
-        t_half = per_sample(lambda: blk.exec_path(xi, half.float(), half.to(xi.device)))
-        r = float(half.float().mean())
+        if blk.channel_mode == "width":  # the width nearest one half, as dense sliced convs
+            k = min(blk.counts.tolist(), key=lambda c: (abs(c - blk.width / 2), c))
+            k = k if k < blk.width else max(1, blk.width // 2)
+            path = blk.width_path(k)
+            t_half = per_sample(lambda: path(xi))
+            r = k / blk.width
+        else:
+            half = torch.rand(n, blk.width, generator=gen).argsort(1) < max(1, blk.width // 2)
+            t_half = per_sample(lambda: blk.exec_path(xi, half.float(), half.to(xi.device)))
+            r = float(half.float().mean())
         c1 = max(t_full - t_half, 0.0) / (1.0 - r)
         c0 = max(t_full - c1, 0.0)
         fixed = per_sample(lambda: blk.skip_path(xi)) if blk.kind.shortcut else 0.0

@@ -13,10 +13,11 @@ import os
 from pyeff.experiments import register_experiment
 
 QUICK = dict(model="resnet20", train_subset=6000, test_subset=1000, batch_size=64, base_epochs=4, base_lr=0.05,
-             ddi_epochs=2, ddi_lr=0.02, targets=(25, 40, 60), layer_targets=(25, 40), prune_targets=(25, 40),
+             ddi_epochs=2, ddi_lr=0.02, targets=(25, 40, 60), layer_targets=(25, 40), width_targets=(25, 40),
+             prune_targets=(25, 40),
              budgets=(0.25, 0.4, 0.55, 0.7, 0.85, 1.0))
 FULL = dict(model="resnet38", train_subset=None, test_subset=None, batch_size=128, base_epochs=10, base_lr=0.1,
-            ddi_epochs=6, ddi_lr=0.02, targets=(25, 40, 60, 80), layer_targets=(25, 40, 60),
+            ddi_epochs=6, ddi_lr=0.02, targets=(25, 40, 60, 80), layer_targets=(25, 40, 60), width_targets=(25, 40, 60),
             prune_targets=(25, 40, 60), budgets=(0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 1.0))
 
 
@@ -102,10 +103,12 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
 
     # input-dependent skipping alone (layer + channel gates), and layer-only skipping
     nets = {}
-    for method, targets, kw in (("DDI input-dependent (layers + channels)", P["targets"], {}),
-                                ("layer-only skipping", P["layer_targets"], {"channel_gates": False})):
+    variants = (("DDI input-dependent (layers + channel masks)", "masks", P["targets"], {}),
+                ("DDI input-dependent (layers + widths)", "widths", P["width_targets"], {"channel_mode": "width"}),
+                ("layer-only skipping", "layers", P["layer_targets"], {"channel_gates": False}))
+    for method, tag, targets, kw in variants:
         for target in targets:
-            net = train_net(convert(base, **kw, input_size=in_size), target, f"{method.split()[0]}-{target}")
+            net = train_net(convert(base, **kw, input_size=in_size), target, f"{tag}-{target}")
             ev = net.evaluate(test_loader)
             add(method, f"target {target}%", ev["cost_pct"], 100 * ev["accuracy"], net)
             nets[(method, target)] = net
@@ -124,7 +127,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
     # resource-dependent halting alone: the float network with exits, no gates
     halting = train_net(convert(base, layer_gates=False, channel_gates=False, input_size=in_size), 100.0,
                         "halting-exits", beta_=0.0)
-    both = nets[("DDI input-dependent (layers + channels)", max(P["targets"]))]
+    both = nets[("DDI input-dependent (layers + channel masks)", max(P["targets"]))]
     both.tune_budget(tune_loader, P["budgets"])
     sweep = []
     for b in P["budgets"]:
@@ -145,7 +148,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
 
     plot = os.path.join(out_dir, "ddi_curve.png")
     _plot(rows, sweep, dense_report, plot)
-    ddi_rows = [r for r in rows if r["method"].startswith("DDI")]
+    ddi_rows = [r for r in rows if r["method"].startswith("DDI input-dependent (layers + channel masks)")]
     summary = {"model": P["model"], "dataset": dataset, "dense accuracy %": rows[0]["accuracy %"],
                "dense ms / image (batch 128)": rows[0]["ms / image"], "beta": beta,
                "DDI points (FLOPs % / accuracy % / speed-up)": "; ".join(
@@ -177,7 +180,8 @@ def _plot(rows, sweep, dense_acc, path):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = {"DDI input-dependent (layers + channels)": "o-", "layer-only skipping": "s--",
+    styles = {"DDI input-dependent (layers + channel masks)": "o-", "DDI input-dependent (layers + widths)": "D-",
+              "layer-only skipping": "s--",
               "static channel pruning": "^:"}
     for method, style in styles.items():
         pts = sorted((r["FLOPs %"], r["accuracy %"], r["speed-up"]) for r in rows if r["method"] == method)

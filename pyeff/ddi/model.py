@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.ddi.block import SUPPORTED, DDIBlock, block_kind
+from pyeff.ddi.block import DEFAULT_WIDTHS, SUPPORTED, DDIBlock, block_kind
 from pyeff.ddi.costs import UNITS, CostTable, EnergyModel, build_table
 from pyeff.dynamic import RecurrentGate, straight_through
 from pyeff.dynamic.modules import find_blocks, replace_submodule
@@ -108,6 +108,8 @@ class _Controller:
             f = self.forced_execute
             execute = (f[:, blk.index] if f.dim() == 2 else f[blk.index].expand(n)).to(x.device)
             layer_w = None
+        if blk.channel_mode == "width":
+            return self._run_width(blk, cb, x, pooled, execute, layer_w)
         # channel decision
         soft = hard = scores = None
         if blk.channel_gate is not None:
@@ -119,34 +121,71 @@ class _Controller:
             soft = hard.to(x.dtype)
         if net.budget is not None and net.tighten and not training:
             execute, hard, soft = self._fit_budget(blk, cb, execute, hard, scores)
-        # cost
         r = soft.mean(1) if soft is not None else torch.ones(n, dtype=x.dtype, device=x.device)
-        w = layer_w[:, 1] if layer_w is not None else execute.to(x.dtype)
+        self._account(cb, execute, layer_w, r)
+        return blk.run(x, execute, layer_w, soft, hard, training, self.execution)
+
+    def _account(self, cb, execute, layer_w, r) -> None:
+        w = layer_w[:, 1] if layer_w is not None else execute.to(r.dtype)
         self.spent = self.spent + (cb.fixed + w * cb.exec_cost(r))
         self.spent_exact += cb.fixed + execute.double() * cb.exec_cost(r.detach().double())
         self.execute.append(execute)
         self.channels.append(r.detach() * execute)
-        return blk.run(x, execute, layer_w, soft, hard, training, self.execution)
 
-    def _fit_budget(self, blk, cb, execute, hard, scores):
-        """Tighten this block's decisions so that every sample can still reach its exit within the
-        budget: keep the highest-scoring channels that fit, skip the block when none fits."""
+    def _run_width(self, blk, cb, x, pooled, execute, layer_w):
+        """Width mode: the block's gate picks how many inner channels (a prefix) each sample runs."""
+        training, net = self.training, self.net
+        g = blk.channel_gate(x, pooled)
+        choice, width_w = g.decisions, (g.weights if training else None)
+        if self.forced_channels is not None and self.forced_channels[blk.index] is not None:
+            choice, width_w = self.forced_channels[blk.index].to(x.device), None
+        if net.budget is not None and net.tighten and not training:
+            execute, choice = self._fit_budget_width(blk, cb, execute, choice)
+        P = blk.width
+        if width_w is not None:  # straight-through: forward = the chosen prefix, backward = every width's
+            soft = width_w @ blk.prefix
+            r = soft.mean(1)
+        else:
+            soft = blk.prefix[choice]
+            r = blk.counts[choice].to(x.dtype) / P
+        self._account(cb, execute, layer_w, r)
+        if training or self.execution == "masked":
+            return blk.run(x, execute, layer_w, soft, soft > 0.5, training, self.execution)
+        return blk.run_width(x, torch.where(execute, choice + 1, torch.zeros_like(choice)))
+
+    def _fit_budget_width(self, blk, cb, execute, choice):
+        k_max = self._affordable(blk, cb)
+        counts = blk.counts.to(k_max.device)
+        allowed = counts[None, :] <= torch.minimum(k_max, counts[choice])[:, None]  # [N, K]
+        best = torch.where(allowed, torch.arange(len(counts), device=k_max.device)[None, :], -1).max(1).values
+        return execute & (best >= 0), best.clamp(min=0)
+
+    def _affordable(self, blk, cb) -> Tensor:
+        """[N] the most inner channels each sample can still run here and reach its exit within the
+        budget (-1: not even the block's constant part fits)."""
         net = self.net
         avail = net.budget * net.table.dense - self.spent_exact - cb.fixed - net.table.reserve_after(blk.index, net.halt_stage)
         P = blk.width
         k = torch.arange(P + 1, device=avail.device, dtype=torch.float64)
-        cost_k = cb.exec_cost(k / P)
-        fits = cost_k[None, :] <= avail[:, None] * (1 + 1e-9) + 1e-12   # cost_k is increasing in k
-        k_max = fits.sum(1) - 1                                     # -1: not even the block's constant part fits
+        fits = cb.exec_cost(k / P)[None, :] <= avail[:, None] * (1 + 1e-9) + 1e-12  # cost is increasing in k
+        return fits.sum(1) - 1
+
+    def _fit_budget(self, blk, cb, execute, hard, scores):
+        """Tighten this block's decisions so that every sample can still reach its exit within the
+        budget: keep the highest-scoring channels that fit, skip the block when none fits."""
+        P = blk.width
+        k_max = self._affordable(blk, cb)
         if hard is None:                                            # no channel gate: all or nothing
             return execute & (k_max >= P), None, None
         k_want = hard.sum(1)
         execute = execute & (k_max >= k_want.clamp(max=1))
         over = execute & (k_want > k_max)
         if bool(over.any()):
+            if scores is None:  # forced masks without a gate: keep the lowest-numbered channels
+                scores = hard.to(torch.float64) - torch.arange(P, device=hard.device) / (2.0 * P)
             rank = scores.argsort(1, descending=True).argsort(1)
             hard = torch.where(over[:, None], hard & (rank < k_max[:, None]), hard)
-        return execute, hard, hard.to(scores.dtype)
+        return execute, hard, hard.to(torch.float32)
 
 
 class DDINet(nn.Module):
@@ -156,7 +195,7 @@ class DDINet(nn.Module):
 
     def __init__(self, model: nn.Module, cost: str = "flops", channel_gates: bool = True, layer_gates: bool = True,
                  exits: bool = True, input_size: tuple = (3, 32, 32), gate_bias=(0.0, 2.0), energy=None,
-                 embed_dim: int = 10, hidden_dim: int = 10):
+                 embed_dim: int = 10, hidden_dim: int = 10, channel_mode: str = "mask", widths=DEFAULT_WIDTHS):
         super().__init__()
         self.table: CostTable | None = None
         if cost not in UNITS:
@@ -171,14 +210,19 @@ class DDINet(nn.Module):
         if len(found) < 2:
             raise TypeError(f"pyeff.ddi.convert: {type(model).__name__} has {len(found)} supported block(s); DDI "
                             f"needs at least two (the first stays ungated). Supported: {SUPPORTED}")
+        if channel_gates and channel_mode == "width":
+            from pyeff.ddi.prune import sort_inner_channels
+            sort_inner_channels(model)  # a prefix of the inner channels = the most important ones
         wrapped = []
         for i, (s_idx, stage, name, blk) in enumerate(found[1:]):
-            d = DDIBlock(blk, index=i, stage=s_idx, channel_gate=channel_gates)
+            d = DDIBlock(blk, index=i, stage=s_idx, channel_gate=channel_gates, channel_mode=channel_mode,
+                         widths=widths)
             replace_submodule(stage, name, d)
             wrapped.append(d)
         self.blocks = wrapped  # a plain list: the blocks are registered inside `model`
         self.block_names = [f"{_stage_name(model, stage)}.{name}" for _, stage, name, _ in found[1:]]
         self.layer_gates, self.channel_gates = layer_gates, channel_gates
+        self.channel_mode, self.widths = channel_mode, tuple(float(w) for w in widths)
         self.gate = RecurrentGate([d.in_channels for d in wrapped], 2, embed_dim, hidden_dim, mode="argmax",
                                   bias=gate_bias)
         self._ctl = _Controller(self)
@@ -378,8 +422,9 @@ class DDINet(nn.Module):
     @contextlib.contextmanager
     def forced(self, execute=None, channels=None):
         """Within the block, layer decisions are `execute` (bool [G] or [N, G]) and the inner
-        channel masks are `channels` (a list of G bool [N, width] tensors or None); the gates still
-        run (their cost is real), only their answers are replaced."""
+        channel masks are `channels` (a list of G bool [N, width] tensors, in width mode int64 [N]
+        width indices, or None); the gates still run (their cost is real), only their answers are
+        replaced."""
         G = len(self.blocks)
         old = (self._ctl.forced_execute, self._ctl.forced_channels)
         if execute is not None:
@@ -391,7 +436,14 @@ class DDINet(nn.Module):
             if len(channels) != G:
                 raise ValueError(f"channels needs one entry per gated block ({G}), got {len(channels)}")
             for blk, m in zip(self.blocks, channels):
-                if m is not None and (m.dtype != torch.bool or m.dim() != 2 or m.shape[1] != blk.width):
+                if m is None:
+                    continue
+                if blk.channel_mode == "width":
+                    K = len(blk.counts)
+                    if m.dtype != torch.int64 or m.dim() != 1 or (m.numel() and not 0 <= int(m.min()) <= int(m.max()) < K):
+                        raise ValueError(f"channels[{blk.index}] must be int64 [N] width indices in [0, {K}) in "
+                                         f"width mode, got {m.dtype} {tuple(m.shape)}")
+                elif m.dtype != torch.bool or m.dim() != 2 or m.shape[1] != blk.width:
                     raise ValueError(f"channels[{blk.index}] must be bool [N, {blk.width}], got {m.dtype} "
                                      f"{tuple(m.shape)}")
         self._ctl.forced_execute, self._ctl.forced_channels = execute, channels
@@ -440,7 +492,7 @@ class DDINet(nn.Module):
 
 def convert(model: nn.Module, cost: str = "flops", *, channel_gates: bool = True, layer_gates: bool = True,
             exits: bool = True, input_size: tuple = (3, 32, 32), copy_model: bool = True, energy=None,
-            gate_bias=(0.0, 2.0)) -> DDINet:
+            gate_bias=(0.0, 2.0), channel_mode: str = "mask", widths=DEFAULT_WIDTHS) -> DDINet:
     """Give `model` DDI's layer gates, channel gates and early exits.
 
     Args:
@@ -451,10 +503,14 @@ def convert(model: nn.Module, cost: str = "flops", *, channel_gates: bool = True
             skipping only: channel_gates=False).
         input_size: (C, H, W) of one input, to size the exits and the cost table.
         gate_bias: initial (skip, execute) logit bias of the layer gate (default: execute).
+        channel_mode: "mask" (DDI's per-channel gate, any subset per sample, run by masked_conv2d) or
+            "width" (a per-sample choice among `widths`: the most important k inner channels run as
+            dense convs on sliced weights; faster where oneDNN/cuDNN beat the masked kernel). Width
+            mode reorders the inner channels by importance (the function is unchanged).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pyeff.ddi.convert expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, DDINet):
         raise TypeError("pyeff.ddi.convert: the model is already a DDINet")
     return DDINet(copy.deepcopy(model) if copy_model else model, cost, channel_gates, layer_gates, exits, input_size,
-                  gate_bias, energy)
+                  gate_bias, energy, channel_mode=channel_mode, widths=widths)

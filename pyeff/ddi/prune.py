@@ -81,14 +81,37 @@ def prune_inner_channels(model: nn.Module, keep: float) -> nn.Module:
         plan = _plan(blk)
         width = blk.conv1.out_channels
         k = max(1, int(round(keep * width)))
-        score = blk.conv1.weight.detach().abs().flatten(1).sum(1)
-        idx = score.argsort(descending=True)[:k].sort().values
+        idx = _importance(blk).argsort(descending=True)[:k].sort().values
         for attr, dim in plan:
             m = getattr(blk, attr)
             new = _slice_bn(m, idx) if isinstance(m, nn.BatchNorm2d) else _slice_conv(m, idx, dim)
             setattr(blk, attr, new.train(m.training).to(m.weight.device))
         if hasattr(blk, "width"):  # DenseLayer records its inner width
             blk.width = k
+    return model
+
+
+def _importance(blk: nn.Module) -> torch.Tensor:
+    return blk.conv1.weight.detach().abs().flatten(1).sum(1)
+
+
+@torch.no_grad()
+def sort_inner_channels(model: nn.Module) -> nn.Module:
+    """In place, reorder every supported block's inner channels by importance (L1 norm of the first
+    conv's filters, largest first). The function is unchanged; afterwards a prefix of the inner
+    channels is the most important subset of its size (what DDI's width mode runs)."""
+    for _, blk in find_blocks(model, lambda m: _plan(m) is not None):
+        perm = _importance(blk).argsort(descending=True)
+        for attr, dim in _plan(blk):
+            m = getattr(blk, attr)
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                    if t is not None:
+                        t.copy_(t[perm])
+            else:
+                m.weight.copy_(m.weight.index_select(dim, perm))
+                if m.bias is not None and dim == 0:
+                    m.bias.copy_(m.bias[perm])
     return model
 
 

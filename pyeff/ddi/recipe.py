@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pyeff.ddi.block import DEFAULT_WIDTHS
 from pyeff.ddi.model import DDINet, convert
 from pyeff.dynamic.hook import CostHingeHook
 from pyeff.train import TrainConfig, run_training
@@ -80,7 +81,8 @@ def _sgd(params, lr):
 
 def train_ddi(model: str = "resnet38", dataset: str = "shapes", *, cost: str = "flops", target: float = 25.0,
               beta: float = DEFAULT_BETA, exit_weight: float = DEFAULT_EXIT_WEIGHT, channel_gates: bool = True,
-              layer_gates: bool = True, base_epochs: int = 10, ddi_epochs: int = 5, lr: float = 0.1,
+              layer_gates: bool = True, channel_mode: str = "mask", base_epochs: int = 10, ddi_epochs: int = 5,
+              lr: float = 0.1,
               ddi_lr: float = 0.02, batch_size: int = 128, train_subset=None, test_subset=None, data_dir=None,
               seed: int = 0, device: str = "auto", out_dir: str = "runs/ddi", base_model=None,
               base_checkpoint=None, data=None, verbose: bool = True, threads=None) -> dict:
@@ -108,7 +110,7 @@ def train_ddi(model: str = "resnet38", dataset: str = "shapes", *, cost: str = "
         history["phase1"] = run_history(cfg)
     base_model = base_model.cpu()
     net = convert(base_model, cost=cost, channel_gates=channel_gates, layer_gates=layer_gates,
-                  input_size=tuple(train_set.images.shape[1:]))
+                  input_size=tuple(train_set.images.shape[1:]), channel_mode=channel_mode)
     cfg = TrainConfig(epochs=ddi_epochs, lr=ddi_lr, out_dir=os.path.join(out_dir, "phase2-ddi"), **common)
     trainer = run_training(cfg, hooks=[DDIHook(target, beta, exit_weight)], model=net, data=data, verbose=verbose,
                            optimizer=_sgd(net.parameters(), ddi_lr))
@@ -125,6 +127,7 @@ def save_ddi(net: DDINet, path: str, **meta) -> None:
 
     atomic_save({"format": DDI_FORMAT, "cost": net.cost_unit, "channel_gates": net.channel_gates,
                  "layer_gates": net.layer_gates, "exits": len(net.exits) > 0, "input_size": list(net.input_size),
+                 "channel_mode": net.channel_mode, "widths": list(net.widths),
                  "table": net.table.to_dict(), "budget_exits": net.budget_exits,
                  "state_dict": net.state_dict(), **meta}, path)
 
@@ -143,7 +146,8 @@ def load_ddi(path: str) -> tuple[DDINet, dict]:
     base = create_model(ckpt["model"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"])
     unit = ckpt["cost"] if ckpt["cost"] != "latency" else "flops"  # the stored table replaces it below
     net = convert(base, cost=unit, channel_gates=ckpt["channel_gates"], layer_gates=ckpt["layer_gates"],
-                  exits=ckpt["exits"], input_size=tuple(ckpt["input_size"]), copy_model=False)
+                  exits=ckpt["exits"], input_size=tuple(ckpt["input_size"]), copy_model=False,
+                  channel_mode=ckpt.get("channel_mode", "mask"), widths=tuple(ckpt.get("widths", DEFAULT_WIDTHS)))
     net.load_state_dict(ckpt["state_dict"])
     net.table, net.cost_unit = CostTable.from_dict(ckpt["table"]), ckpt["cost"]
     if ckpt.get("budget_exits"):

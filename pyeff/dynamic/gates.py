@@ -5,6 +5,7 @@ straight-through gradient backward.
   map, a 1x1 conv to an embedding, one LSTM cell carried from block to block, a linear head with
   one logit per choice. Block i's output decides block i+1.
 - `ChannelGate`: per block, pool + a small MLP + sigmoid, thresholded to a channel mask (DDI).
+- `WidthGate`: per block, pool + a small MLP + a choice among widths (how many channels run).
 """
 from __future__ import annotations
 
@@ -109,3 +110,30 @@ class ChannelGate(nn.Module):
         s = self.scores(feature)
         keep = s > self.threshold
         return straight_through(keep.to(s.dtype), s), keep
+
+
+class WidthGate(nn.Module):
+    """Per-sample choice among `num_choices` widths of a block (how many of its channels run): pool,
+    Linear-ReLU-Linear, one logit per width; argmax forward, straight-through softmax backward.
+    `bias` initialises the logits (default: favour the widest)."""
+
+    def __init__(self, in_channels: int, num_choices: int, reduction: int = 4, bias: Sequence[float] | None = None):
+        super().__init__()
+        if num_choices < 1:
+            raise ValueError(f"a width gate needs at least one width, got {num_choices}")
+        hidden = max(4, in_channels // reduction)
+        self.num_choices = num_choices
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, num_choices)
+        with torch.no_grad():
+            self.fc2.bias.copy_(torch.as_tensor(bias if bias is not None else [0.0] * (num_choices - 1) + [2.0]))
+
+    def forward(self, feature: Tensor, pooled: Tensor | None = None) -> GateOutput:
+        if feature.dim() != 4:
+            raise ValueError(f"the width gate expects a feature map [N, C, H, W], got shape {tuple(feature.shape)}")
+        if pooled is None:
+            pooled = F.adaptive_avg_pool2d(feature, 1).flatten(1)
+        probs = self.fc2(F.relu(self.fc1(pooled))).softmax(dim=1)
+        decisions = probs.argmax(dim=1)
+        hard = F.one_hot(decisions, self.num_choices).to(probs.dtype)
+        return GateOutput(decisions, straight_through(hard, probs), probs)
