@@ -68,8 +68,9 @@ def test_open_gates_equal_base_model(name, mode, rng):
                 for b in net.blocks]
         with net.forced(execute=torch.ones(G, dtype=torch.bool), channels=full):
             b, aux_b = net(x)
-    torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if mode == "mask" else 1e-4  # width mode reorders the inner channels: another summation order
+    torch.testing.assert_close(a, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(b, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(aux_b["cost"], torch.ones(5, dtype=torch.float64))
 
 
