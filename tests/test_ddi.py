@@ -317,3 +317,15 @@ def test_densenet_model():
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="6n\\+4"):
         create_model("densenet40").__class__(depth=41)
+
+
+def test_downsampling_blocks_run_unless_asked(rng):
+    base, size = _model("resnet20", rng)
+    net = convert(base, input_size=size).eval()
+    gated = [b.layer_gated for b in net.blocks]
+    assert gated == [b.identity_skip for b in net.blocks] and not all(gated)
+    with torch.no_grad():
+        net.gate.head.bias.copy_(torch.tensor([5.0, -5.0]))  # the gate wants to skip everything
+        _, aux = net(torch.randn(3, *size, generator=rng))
+    assert torch.equal(aux["execute"], torch.tensor([not g for g in gated]).expand(3, -1))
+    assert all(b.layer_gated for b in convert(base, input_size=size, skip_downsampling=True).blocks)

@@ -218,6 +218,7 @@ class DDIBlock(nn.Module):
         else:
             self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold, init_open) \
                 if channel_gate else None
+        self.layer_gated = True  # the DDINet decides (projection-shortcut blocks: not by default)
         self._ctl = None
 
     def forward(self, x: Tensor) -> Tensor:

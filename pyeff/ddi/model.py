@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.ddi.block import DEFAULT_WIDTHS, SUPPORTED, DDIBlock, block_kind
+from pyeff.ddi.block import DEFAULT_WIDTHS, SUPPORTED, DDIBlock, _dense_skip, block_kind
 from pyeff.ddi.costs import UNITS, CostTable, EnergyModel, build_table
 from pyeff.dynamic import RecurrentGate, straight_through
 from pyeff.dynamic.modules import find_blocks, replace_submodule
+
+
+TRAIN_MODES = ("all", "routed")
 
 
 class ExitHead(nn.Module):
@@ -58,6 +61,22 @@ def _parts(model: nn.Module):
         return stem, [model.layer1, model.layer2, model.layer3, model.layer4], head
     raise TypeError(f"pyeff.ddi.convert: {type(model).__name__} is not supported; use pyeff's CIFAR ResNets and "
                     "DenseNets or a torchvision ResNet (a network with stem, stages() and head)")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def _scale_grad(x: Tensor, scale: float) -> Tensor:
+    """x forward; its gradient multiplied by `scale` backward."""
+    return _ScaleGrad.apply(x, float(scale))
 
 
 def _stage_name(model: nn.Module, stage: nn.Module) -> str:
@@ -98,7 +117,7 @@ class _Controller:
         pooled = x.mean((2, 3))  # one pooling for both gates
         # layer decision
         layer_w = None
-        if net.layer_gates:
+        if net.layer_gates and blk.layer_gated:
             g = net.gate(x, blk.index, pooled)
             execute = g.decisions == 1
             layer_w = g.weights if training else None
@@ -121,9 +140,21 @@ class _Controller:
             soft = hard.to(x.dtype)
         if net.budget is not None and net.tighten and not training:
             execute, hard, soft = self._fit_budget(blk, cb, execute, hard, scores)
-        r = soft.mean(1) if soft is not None else torch.ones(n, dtype=x.dtype, device=x.device)
+        if soft is None:
+            r = torch.ones(n, dtype=x.dtype, device=x.device)
+        elif training:  # the cost reaches each channel's logit at the scale it reaches the layer gate's
+            r = _scale_grad(soft, soft.shape[1]).mean(1)
+        else:
+            r = soft.mean(1)
         self._account(cb, execute, layer_w, r)
-        return blk.run(x, execute, layer_w, soft, hard, training, self.execution)
+        return blk.run(x, execute, layer_w, soft, hard, training, self._mode())
+
+    def _mode(self) -> str:
+        """Training in "all" mode runs both paths for every sample (each decision's logit gets the
+        gradient of its own path's output); inference runs what `execution` says."""
+        if self.training:
+            return "masked" if self.net.train_mode == "all" else "routed"
+        return self.execution
 
     def _account(self, cb, execute, layer_w, r) -> None:
         w = layer_w[:, 1] if layer_w is not None else execute.to(r.dtype)
@@ -150,7 +181,7 @@ class _Controller:
             r = blk.counts[choice].to(x.dtype) / P
         self._account(cb, execute, layer_w, r)
         if training or self.execution == "masked":
-            return blk.run(x, execute, layer_w, soft, soft > 0.5, training, self.execution)
+            return blk.run(x, execute, layer_w, soft, soft > 0.5, training, self._mode())
         return blk.run_width(x, torch.where(execute, choice + 1, torch.zeros_like(choice)))
 
     def _fit_budget_width(self, blk, cb, execute, choice):
@@ -195,9 +226,13 @@ class DDINet(nn.Module):
 
     def __init__(self, model: nn.Module, cost: str = "flops", channel_gates: bool = True, layer_gates: bool = True,
                  exits: bool = True, input_size: tuple = (3, 32, 32), gate_bias=(0.0, 2.0), energy=None,
-                 embed_dim: int = 10, hidden_dim: int = 10, channel_mode: str = "mask", widths=DEFAULT_WIDTHS):
+                 embed_dim: int = 10, hidden_dim: int = 10, channel_mode: str = "mask", widths=DEFAULT_WIDTHS,
+                 train_mode: str = "all", skip_downsampling: bool = False):
         super().__init__()
         self.table: CostTable | None = None
+        if train_mode not in TRAIN_MODES:
+            raise ValueError(f"pyeff.ddi: train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+        self.train_mode = train_mode
         if cost not in UNITS:
             raise ValueError(f"pyeff.ddi: cost must be one of {UNITS}, got {cost!r}")
         stem, stages, head = _parts(model)
@@ -217,6 +252,10 @@ class DDINet(nn.Module):
         for i, (s_idx, stage, name, blk) in enumerate(found[1:]):
             d = DDIBlock(blk, index=i, stage=s_idx, channel_gate=channel_gates, channel_mode=channel_mode,
                          widths=widths)
+            # a block with a projection shortcut changes the resolution or width: skipping it replaces
+            # the block by a 1x1 conv, which costs accuracy out of proportion (measured); by default it
+            # always runs (its inner channels stay gated), as ConvNet-AIG does
+            d.layer_gated = layer_gates and (skip_downsampling or d.kind.skip is _dense_skip or d.identity_skip)
             replace_submodule(stage, name, d)
             wrapped.append(d)
         self.blocks = wrapped  # a plain list: the blocks are registered inside `model`
@@ -492,7 +531,8 @@ class DDINet(nn.Module):
 
 def convert(model: nn.Module, cost: str = "flops", *, channel_gates: bool = True, layer_gates: bool = True,
             exits: bool = True, input_size: tuple = (3, 32, 32), copy_model: bool = True, energy=None,
-            gate_bias=(0.0, 2.0), channel_mode: str = "mask", widths=DEFAULT_WIDTHS) -> DDINet:
+            gate_bias=(0.0, 2.0), channel_mode: str = "mask", widths=DEFAULT_WIDTHS, train_mode: str = "all",
+            skip_downsampling: bool = False) -> DDINet:
     """Give `model` DDI's layer gates, channel gates and early exits.
 
     Args:
@@ -507,10 +547,17 @@ def convert(model: nn.Module, cost: str = "flops", *, channel_gates: bool = True
             "width" (a per-sample choice among `widths`: the most important k inner channels run as
             dense convs on sliced weights; faster where oneDNN/cuDNN beat the masked kernel). Width
             mode reorders the inner channels by importance (the function is unchanged).
+        train_mode: "all" (every block on every sample in training, then the straight-through
+            one-hot: each layer decision's logit gets the gradient of its own path, as DFS and the
+            papers train) or "routed" (only the chosen samples run a block: cheaper, but the gate
+            only sees the gradient of the path it took).
+        skip_downsampling: also give a layer gate to blocks with a projection shortcut (they change
+            resolution or width; by default they always run, their inner channels still gated).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pyeff.ddi.convert expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, DDINet):
         raise TypeError("pyeff.ddi.convert: the model is already a DDINet")
     return DDINet(copy.deepcopy(model) if copy_model else model, cost, channel_gates, layer_gates, exits, input_size,
-                  gate_bias, energy, channel_mode=channel_mode, widths=widths)
+                  gate_bias, energy, channel_mode=channel_mode, widths=widths, train_mode=train_mode,
+                  skip_downsampling=skip_downsampling)
