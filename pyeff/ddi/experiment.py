@@ -26,18 +26,16 @@ FULL = dict(model="resnet38", train_subset=None, test_subset=None, batch_size=12
                             "with measured wall-clock")
 def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, time_per_point=None, threads=None,
         base_checkpoint=None, **overrides) -> dict:
-    import copy
-
     import torch
 
     from pyeff.data import BatchLoader
     from pyeff.ddi.model import convert
     from pyeff.ddi.prune import prune_to_flops
-    from pyeff.ddi.recipe import DEFAULT_BETA, DDIHook, _sgd
+    from pyeff.ddi.recipe import DEFAULT_BETA, DDIHook
     from pyeff.experiments.measure import latency_on
-    from pyeff.dfs.recipe import load_base
+    from pyeff.train.phases import float_phase, load_subsets, recipe_config, sgd
     from pyeff.dynamic import module_flops
-    from pyeff.train import TrainConfig, load_data, run_training
+    from pyeff.train import TrainConfig, run_training
 
     P = dict(QUICK if quick else FULL)
     unknown = sorted(set(overrides) - set(P))
@@ -48,14 +46,9 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
     time_per_point = time_per_point or (0.3 if quick else 1.5)
     if threads:
         torch.set_num_threads(threads)
-    common = dict(model=P["model"], dataset=dataset, data_dir=data_dir, batch_size=P["batch_size"], seed=seed,
-                  train_subset=P["train_subset"], test_subset=P["test_subset"], device="cpu", overwrite=True,
-                  momentum=0.9, weight_decay=1e-4)
-    train_set, test_set = load_data(TrainConfig(**common))
-    if P["train_subset"] and P["train_subset"] < len(train_set):
-        train_set = train_set.subset(P["train_subset"], seed=seed)
-    if P["test_subset"] and P["test_subset"] < len(test_set):
-        test_set = test_set.subset(P["test_subset"], seed=seed)
+    common = recipe_config(model=P["model"], dataset=dataset, data_dir=data_dir, batch_size=P["batch_size"],
+                           seed=seed, train_subset=P["train_subset"], test_subset=P["test_subset"], device="cpu")
+    train_set, test_set = load_subsets(common)
     data = (train_set, test_set)
     in_size = tuple(test_set.images.shape[1:])
     half = len(test_set) // 2
@@ -65,13 +58,9 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
     report_loader = BatchLoader(report_set, 256, shuffle=False, augment=False)
     x_time = next(iter(BatchLoader(test_set, 128, shuffle=True, augment=False)))[0]
 
-    # phase 1, shared
-    if base_checkpoint:
-        base = load_base(P["model"], base_checkpoint, train_set.num_classes, in_size[0]).eval()
-    else:
-        cfg = TrainConfig(epochs=P["base_epochs"], lr=P["base_lr"], out_dir=os.path.join(out_dir, "phase1-float"),
-                          **common)
-        base = run_training(cfg, data=data).model.cpu().eval()
+    # phase 1, shared (or a pyeff checkpoint of P["model"] via base_checkpoint)
+    base = float_phase(common, data, epochs=P["base_epochs"], lr=P["base_lr"], out_dir=out_dir,
+                       base_checkpoint=base_checkpoint, verbose=True)[0].eval()
     dense_flops = module_flops(base, x_time[:1])
 
     def accuracy(model, loader):
@@ -98,7 +87,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
     def train_net(net, target, name, beta_=beta):
         cfg = TrainConfig(epochs=P["ddi_epochs"], lr=P["ddi_lr"], out_dir=os.path.join(out_dir, name), **common)
         run_training(cfg, hooks=[DDIHook(target, beta_)], model=net, data=data, verbose=False,
-                     optimizer=_sgd(net.parameters(), P["ddi_lr"]))
+                     optimizer=sgd(net.parameters(), P["ddi_lr"]))
         return net.cpu().eval()
 
     # input-dependent skipping alone (layer + channel gates), and layer-only skipping
@@ -119,7 +108,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
         cfg = TrainConfig(epochs=P["ddi_epochs"], lr=P["ddi_lr"], out_dir=os.path.join(out_dir, f"prune-{target}"),
                           **common)
         slim = run_training(cfg, model=slim, data=data, verbose=False,
-                            optimizer=_sgd(slim.parameters(), P["ddi_lr"])).model.cpu().eval()
+                            optimizer=sgd(slim.parameters(), P["ddi_lr"])).model.cpu().eval()
         flops = 100 * module_flops(slim, x_time[:1]) / dense_flops
         add("static channel pruning", f"keep {100 * keep:.0f}% of inner channels", flops, accuracy(slim, test_loader),
             slim)

@@ -19,6 +19,7 @@ from pyeff.ddi.block import DEFAULT_WIDTHS
 from pyeff.ddi.model import DDINet, convert
 from pyeff.dynamic.hook import CostHingeHook
 from pyeff.train import TrainConfig, run_training
+from pyeff.train.phases import float_phase, recipe_config, sgd
 
 DEFAULT_BETA = 2.0
 DEFAULT_EXIT_WEIGHT = 0.5
@@ -75,10 +76,6 @@ class DDIHook(CostHingeHook):
         return out
 
 
-def _sgd(params, lr):
-    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=0.9, weight_decay=1e-4)
-
-
 def train_ddi(model: str = "resnet38", dataset: str = "shapes", *, cost: str = "flops", target: float = 25.0,
               beta: float = DEFAULT_BETA, exit_weight: float = DEFAULT_EXIT_WEIGHT, channel_gates: bool = True,
               layer_gates: bool = True, channel_mode: str = "mask", base_epochs: int = 10, ddi_epochs: int = 5,
@@ -92,28 +89,23 @@ def train_ddi(model: str = "resnet38", dataset: str = "shapes", *, cost: str = "
     `data` = (train_set, test_set) skips loading. Phases write run folders under `out_dir`
     (phase1-float, phase2-ddi); the result is saved to out_dir/ddi.pt.
     """
-    from pyeff.dfs.recipe import load_base, run_history
     from pyeff.train import load_data
 
-    common = dict(model=model, dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                  train_subset=train_subset, test_subset=test_subset, device=device, overwrite=True,
-                  momentum=0.9, weight_decay=1e-4, threads=threads)
+    common = recipe_config(model=model, dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed,
+                           train_subset=train_subset, test_subset=test_subset, device=device, threads=threads)
     if data is None:
         data = load_data(TrainConfig(**common))
     train_set, test_set = data
     history = {}
-    if base_model is None and base_checkpoint is not None:
-        base_model = load_base(model, base_checkpoint, train_set.num_classes, train_set.images.shape[1])
-    if base_model is None:
-        cfg = TrainConfig(epochs=base_epochs, lr=lr, out_dir=os.path.join(out_dir, "phase1-float"), **common)
-        base_model = run_training(cfg, data=data, verbose=verbose).model
-        history["phase1"] = run_history(cfg)
-    base_model = base_model.cpu()
+    base_model, h1 = float_phase(common, data, epochs=base_epochs, lr=lr, out_dir=out_dir, base_model=base_model,
+                                 base_checkpoint=base_checkpoint, verbose=verbose)
+    if h1 is not None:
+        history["phase1"] = h1
     net = convert(base_model, cost=cost, channel_gates=channel_gates, layer_gates=layer_gates,
                   input_size=tuple(train_set.images.shape[1:]), channel_mode=channel_mode)
     cfg = TrainConfig(epochs=ddi_epochs, lr=ddi_lr, out_dir=os.path.join(out_dir, "phase2-ddi"), **common)
     trainer = run_training(cfg, hooks=[DDIHook(target, beta, exit_weight)], model=net, data=data, verbose=verbose,
-                           optimizer=_sgd(net.parameters(), ddi_lr))
+                           optimizer=sgd(net.parameters(), ddi_lr))
     history["phase2"] = trainer.history
     net = trainer.model.cpu()
     path = os.path.join(out_dir, "ddi.pt")

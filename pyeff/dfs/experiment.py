@@ -29,9 +29,10 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     from pyeff.data import BatchLoader
     from pyeff.dfs.cli import dense_model
     from pyeff.dfs.model import convert
-    from pyeff.dfs.recipe import DEFAULT_BETA, GATE_PHASE_BETA, DFSHook, _sgd, calibration_batches, load_base
+    from pyeff.dfs.recipe import DEFAULT_BETA, GATE_PHASE_BETA, DFSHook, calibration_batches
+    from pyeff.train.phases import float_phase, load_subsets, recipe_config, sgd
     from pyeff.experiments.measure import inference_latency, latency_on
-    from pyeff.train import TrainConfig, load_data, run_training
+    from pyeff.train import TrainConfig, run_training
 
     P = dict(QUICK if quick else FULL)
     unknown = sorted(set(overrides) - set(P))
@@ -42,24 +43,14 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     time_per_point = time_per_point or (0.5 if quick else 2.0)
     if threads:
         torch.set_num_threads(threads)
-    common = dict(model=P["model"], dataset=dataset, data_dir=data_dir, batch_size=P["batch_size"], seed=seed,
-                  train_subset=P["train_subset"], test_subset=P["test_subset"], device="cpu", overwrite=True,
-                  momentum=0.9, weight_decay=1e-4)
-    data = load_data(TrainConfig(**common))
-    train_set, test_set = data
-    if P["train_subset"] and P["train_subset"] < len(train_set):
-        train_set = train_set.subset(P["train_subset"], seed=seed)
-    if P["test_subset"] and P["test_subset"] < len(test_set):
-        test_set = test_set.subset(P["test_subset"], seed=seed)
+    common = recipe_config(model=P["model"], dataset=dataset, data_dir=data_dir, batch_size=P["batch_size"],
+                           seed=seed, train_subset=P["train_subset"], test_subset=P["test_subset"], device="cpu")
+    train_set, test_set = load_subsets(common)
     data = (train_set, test_set)
 
-    # phase 1, shared
-    cfg = TrainConfig(epochs=P["base_epochs"], lr=P["base_lr"], out_dir=os.path.join(out_dir, "phase1-float"),
-                      **common)
-    if base_checkpoint:  # reuse a phase-1 network (a pyeff checkpoint of P["model"])
-        base = load_base(P["model"], base_checkpoint, train_set.num_classes, train_set.images.shape[1]).eval()
-    else:
-        base = run_training(cfg, data=data).model.cpu().eval()
+    # phase 1, shared (or a pyeff checkpoint of P["model"] via base_checkpoint)
+    base = float_phase(common, data, epochs=P["base_epochs"], lr=P["base_lr"], out_dir=out_dir,
+                       base_checkpoint=base_checkpoint, verbose=True)[0].eval()
     shape = (128,) + tuple(test_set.images.shape[1:])
     x_time = next(iter(BatchLoader(test_set, 128, shuffle=True, augment=False)))[0]
     loader = BatchLoader(test_set, 256, shuffle=False, augment=False)
@@ -95,7 +86,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
         cfg = TrainConfig(epochs=P["gate_epochs"], lr=0.01, schedule="constant",
                           out_dir=os.path.join(out_dir, f"phase2-{method}"), **common)
         run_training(cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net0, data=data, verbose=False,
-                     optimizer=_sgd(net0.gate_parameters(), 0.01))
+                     optimizer=sgd(net0.gate_parameters(), 0.01))
         net0.freeze_base = False
         for p in net0.base_parameters():
             p.requires_grad_(True)
@@ -104,7 +95,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
             cfg = TrainConfig(epochs=P["dfs_epochs"], lr=P["dfs_lr"],
                               out_dir=os.path.join(out_dir, f"phase3-{method}-{target}"), **common)
             run_training(cfg, hooks=[DFSHook(target, beta)], model=net, data=data, verbose=False,
-                         optimizer=_sgd(net.parameters(), P["dfs_lr"]))
+                         optimizer=sgd(net.parameters(), P["dfs_lr"]))
             all_stats[f"{method}-{target}"] = point(method, net.eval(), target, ",".join(map(str, bset)))
 
     # static uniform quantisation of the float network (post-training, same gated blocks)

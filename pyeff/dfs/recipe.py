@@ -23,6 +23,7 @@ import torch
 from pyeff.dfs.model import PAPER_BITS, DFSNet, convert
 from pyeff.dynamic.hook import CostHingeHook
 from pyeff.train import TrainConfig, run_training
+from pyeff.train.phases import float_phase, load_base, recipe_config, run_history, sgd  # noqa: F401 (re-exported)
 
 PAPER_BETA = 1e-5
 DEFAULT_BETA = 5.0
@@ -47,21 +48,6 @@ class DFSHook(CostHingeHook):
         super().__init__(target, beta)
 
 
-def _sgd(params, lr):
-    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=0.9, weight_decay=1e-4)
-
-
-def load_base(model_name: str, path: str, num_classes: int, in_channels: int):
-    """A zoo model with the weights of a pyeff training checkpoint (checkpoint.pt or best.pt)."""
-    from pyeff.models import create_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-    model = create_model(model_name, num_classes=num_classes, in_channels=in_channels)
-    model.load_state_dict(state)
-    return model
-
-
 def train_dfs(model: str = "resnet38", dataset: str = "shapes", *, bits: Sequence[int] = PAPER_BITS,
               target: float = 25.0, beta: float = DEFAULT_BETA, train_mode: str = "all",
               base_epochs: int = 10, gate_epochs: int = 1, dfs_epochs: int = 5, lr: float = 0.1,
@@ -77,20 +63,16 @@ def train_dfs(model: str = "resnet38", dataset: str = "shapes", *, bits: Sequenc
     """
     from pyeff.train import load_data
 
-    common = dict(model=model, dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                  train_subset=train_subset, test_subset=test_subset, device=device, overwrite=True,
-                  momentum=0.9, weight_decay=1e-4, threads=threads)
+    common = recipe_config(model=model, dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed,
+                           train_subset=train_subset, test_subset=test_subset, device=device, threads=threads)
     if data is None:
         data = load_data(TrainConfig(**common))
     train_set, test_set = data
     history = {}
-    if base_model is None and base_checkpoint is not None:
-        base_model = load_base(model, base_checkpoint, train_set.num_classes, train_set.images.shape[1])
-    if base_model is None:
-        cfg = TrainConfig(epochs=base_epochs, lr=lr, out_dir=os.path.join(out_dir, "phase1-float"), **common)
-        base_model = run_training(cfg, data=data, verbose=verbose).model
-        history["phase1"] = run_history(cfg)
-    base_model = base_model.cpu() if device == "cpu" else base_model
+    base_model, h1 = float_phase(common, data, epochs=base_epochs, lr=lr, out_dir=out_dir, base_model=base_model,
+                                 base_checkpoint=base_checkpoint, verbose=verbose)
+    if h1 is not None:
+        history["phase1"] = h1
 
     net = convert(base_model, bits=bits, train_mode=train_mode)
     # phase 2: the frozen float network; only the gate learns, toward full execution
@@ -102,7 +84,7 @@ def train_dfs(model: str = "resnet38", dataset: str = "shapes", *, bits: Sequenc
         cfg = TrainConfig(epochs=gate_epochs, lr=gate_lr, schedule="constant",
                           out_dir=os.path.join(out_dir, "phase2-gate"), **common)
         run_training(cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net, data=data, verbose=verbose,
-                     optimizer=_sgd(net.gate_parameters(), gate_lr))
+                     optimizer=sgd(net.gate_parameters(), gate_lr))
         history["phase2"] = run_history(cfg)
         net.freeze_base = False
         for p in net.base_parameters():
@@ -110,7 +92,7 @@ def train_dfs(model: str = "resnet38", dataset: str = "shapes", *, bits: Sequenc
     # phase 3: network and gate toward the target
     cfg = TrainConfig(epochs=dfs_epochs, lr=dfs_lr, out_dir=os.path.join(out_dir, "phase3-dfs"), **common)
     trainer = run_training(cfg, hooks=[DFSHook(target, beta)], model=net, data=data, verbose=verbose,
-                           optimizer=_sgd(net.parameters(), dfs_lr))
+                           optimizer=sgd(net.parameters(), dfs_lr))
     history["phase3"] = trainer.history
     net = trainer.model
     path = os.path.join(out_dir, "dfs.pt")
@@ -125,13 +107,6 @@ def calibration_batches(dataset, batch_size: int, batches: int, seed: int = 0):
 
     sub = dataset.subset(min(len(dataset), batch_size * batches), seed=seed)
     return BatchLoader(sub, batch_size, shuffle=False, augment=False)
-
-
-def run_history(cfg: TrainConfig) -> list:
-    from pyeff.train import read_jsonl
-
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    return read_jsonl(path) if os.path.exists(path) else []
 
 
 def save_dfs(net: DFSNet, path: str, **meta) -> None:
