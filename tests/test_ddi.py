@@ -329,3 +329,22 @@ def test_downsampling_blocks_run_unless_asked(rng):
         _, aux = net(torch.randn(3, *size, generator=rng))
     assert torch.equal(aux["execute"], torch.tensor([not g for g in gated]).expand(3, -1))
     assert all(b.layer_gated for b in convert(base, input_size=size, skip_downsampling=True).blocks)
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    import json
+
+    from pyeff.cli import main
+
+    out = str(tmp_path / "run")
+    rc = main(["ddi", "train", "--model", "resnet20", "--train-subset", "64", "--test-subset", "32", "--base-epochs",
+               "1", "--ddi-epochs", "1", "--batch-size", "32", "--device", "cpu", "--target", "50", "--out", out])
+    assert rc == 0 and "saved" in capsys.readouterr().out
+    js = str(tmp_path / "eval.json")
+    rc = main(["ddi", "eval", "--checkpoint", f"{out}/ddi.pt", "--test-subset", "32", "--batch-size", "16",
+               "--budgets", "0.6,1", "--time", "0.05", "--json", js])
+    assert rc == 0
+    res = json.load(open(js))
+    assert [r["budget"] for r in res["runs"]] == [None, 0.6, 1.0]
+    assert res["runs"][1]["max_cost_pct"] <= 60 + 1e-6
+    assert main(["ddi", "eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2

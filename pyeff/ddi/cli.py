@@ -18,6 +18,7 @@ def _budgets(text: str):
 def register(subparsers):
     from pyeff.ddi.costs import UNITS
     from pyeff.ddi.recipe import DEFAULT_BETA, DEFAULT_EXIT_WEIGHT
+    from pyeff.train.cli import add_recipe_run_args
 
     p = subparsers.add_parser("ddi", help="DDI (dual dynamic inference): train and evaluate",
                               description="Dual dynamic inference: per-input layer and channel skipping, and "
@@ -38,18 +39,9 @@ def register(subparsers):
     a("--channel-mode", choices=["mask", "width"], default="mask",
       help="mask = any subset of inner channels per sample; width = a per-sample width (25/50/75/100%%), "
            "run as dense convs on sliced weights")
-    a("--base-checkpoint", default=None, help="a pyeff checkpoint of --model: skips phase 1")
-    a("--base-epochs", type=int, default=10, help="phase 1 epochs (float network)")
     a("--ddi-epochs", type=int, default=5, help="phase 2 epochs (network, exits and gates)")
-    a("--lr", type=float, default=0.1, help="phase 1 learning rate")
     a("--ddi-lr", type=float, default=0.02, help="phase 2 learning rate")
-    a("--batch-size", type=int, default=128, help="batch size")
-    a("--train-subset", type=int, default=None, help="train on this many images")
-    a("--test-subset", type=int, default=None, help="evaluate on this many images")
-    a("--seed", type=int, default=0, help="random seed")
-    a("--device", default="auto", help="auto, cpu or cuda")
-    a("--threads", type=int, default=None, help="torch CPU threads")
-    a("--out", default="runs/ddi", help="output folder (phase folders and ddi.pt)")
+    add_recipe_run_args(a, "ddi")
     t.set_defaults(func=train_main)
     e = sub.add_parser("eval", help="accuracy, cost, wall-clock vs the dense model, per-block statistics, budgets",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

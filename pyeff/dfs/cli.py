@@ -16,6 +16,7 @@ def _bits(text: str):
 
 def register(subparsers):
     from pyeff.dfs.recipe import DEFAULT_BETA
+    from pyeff.train.cli import add_recipe_run_args
 
     p = subparsers.add_parser("dfs", help="DFS (dynamic fractional skipping): train and evaluate",
                               description="Dynamic fractional skipping: per sample and residual block, skip, "
@@ -32,20 +33,11 @@ def register(subparsers):
     a("--beta", type=float, default=DEFAULT_BETA, help="weight of the cost term (paper: 1e-5 for 64k iterations)")
     a("--train-mode", choices=["all", "routed"], default="all",
       help="all = every candidate then mask (paper-exact gate gradients); routed = only the chosen path")
-    a("--base-checkpoint", default=None, help="a pyeff checkpoint of --model: skips phase 1")
-    a("--base-epochs", type=int, default=10, help="phase 1 epochs (float network)")
     a("--gate-epochs", type=int, default=1, help="phase 2 epochs (gate only, toward 100%%)")
     a("--dfs-epochs", type=int, default=5, help="phase 3 epochs (both, toward --target)")
-    a("--lr", type=float, default=0.1, help="phase 1 learning rate")
     a("--gate-lr", type=float, default=0.01, help="phase 2 learning rate")
     a("--dfs-lr", type=float, default=0.02, help="phase 3 learning rate")
-    a("--batch-size", type=int, default=128, help="batch size")
-    a("--train-subset", type=int, default=None, help="train on this many images")
-    a("--test-subset", type=int, default=None, help="evaluate on this many images")
-    a("--seed", type=int, default=0, help="random seed")
-    a("--device", default="auto", help="auto, cpu or cuda")
-    a("--threads", type=int, default=None, help="torch CPU threads")
-    a("--out", default="runs/dfs", help="output folder (phase folders and dfs.pt)")
+    add_recipe_run_args(a, "dfs")
     t.set_defaults(func=train_main)
     e = sub.add_parser("eval", help="accuracy, computation %%, wall-clock vs the dense model, decision stats",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

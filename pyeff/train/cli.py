@@ -72,6 +72,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_recipe_run_args(add, method: str) -> None:
+    """The arguments every `pyeff <method> train` shares after its own: phase 1 source, batch,
+    subsets, seed, device, threads and the output folder (`add` = parser.add_argument)."""
+    add("--base-checkpoint", default=None, help="a pyeff checkpoint of --model: skips phase 1")
+    add("--base-epochs", type=int, default=10, help="phase 1 epochs (float network)")
+    add("--lr", type=float, default=0.1, help="phase 1 learning rate")
+    add("--batch-size", type=int, default=128, help="batch size")
+    add("--train-subset", type=int, default=None, help="train on this many images")
+    add("--test-subset", type=int, default=None, help="evaluate on this many images")
+    add("--seed", type=int, default=0, help="random seed")
+    add("--device", default="auto", help="auto, cpu or cuda")
+    add("--threads", type=int, default=None, help="torch CPU threads")
+    add("--out", default=f"runs/{method}", help=f"output folder (phase folders and {method}.pt)")
+
+
 def config_from_args(args) -> TrainConfig:
     quick = QUICK if args.quick else {}
 
