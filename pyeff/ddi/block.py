@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
-from pyeff.ops.masked_conv import masked_conv2d
+from pyeff.ops.masked_conv import _direct_kernel_applies, masked_conv2d
 
 
 class _Masks:
@@ -35,6 +35,10 @@ class _Masks:
 
     def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
         if self.training or self.hard is None:
+            return conv(x)
+        if not in_gated and x.device.type == "cpu" and not _direct_kernel_applies(x, conv.stride, conv.groups):
+            # no kernel here would skip work (strided conv1 of a downsampling block): the dense conv;
+            # its inactive outputs need no zeroing, the next conv does not read them
             return conv(x)
         return masked_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                              in_mask=self.hard if in_gated else None, out_mask=self.hard if out_gated else None)
@@ -238,9 +242,10 @@ class DDIBlock(nn.Module):
         return self.kind.execute(self.block, x, _Masks(soft, hard, training))
 
     def run(self, x: Tensor, execute: Tensor, layer_weights: Tensor | None, soft: Tensor | None,
-            hard: Tensor | None, training: bool, execution: str = "routed") -> Tensor:
+            hard: Tensor | None, training: bool, execution: str = "routed", inplace: bool = False) -> Tensor:
         """Skip or execute each sample (execute: bool [N]); layer_weights [N, 2] straight-through.
-        execution: "routed" (only what was chosen) or "masked" (everything, then masks)."""
+        execution: "routed" (only what was chosen) or "masked" (everything, then masks).
+        inplace: x is an activation the caller owns and may be overwritten (the net's forward)."""
         def ex(xs, s=None, h=None):
             return self.exec_path(xs, s, h, training)
         if execution == "masked":  # the papers' execution: every sample through both paths, then masked
@@ -249,18 +254,18 @@ class DDIBlock(nn.Module):
             return masked_all_paths(x, execute.to(torch.int64), [self.skip_path, lambda xs: ex_all(xs, soft, hard)],
                                     layer_weights)
         return route(x, execute.to(torch.int64), [self.skip_path, ex], layer_weights, extras=(soft, hard),
-                     identity_inplace=self._inplace(training))
+                     identity_inplace=self._inplace(training, inplace))
 
-    def _inplace(self, training: bool):
-        return 0 if (not training and not torch.is_grad_enabled() and self.identity_skip) else None
+    def _inplace(self, training: bool, allowed: bool):
+        return 0 if (allowed and not training and self.identity_skip) else None
 
     def width_path(self, k: int):
         """Inference in width mode: the block with its first k inner channels."""
         M = _Slice(k) if k < self.width else _Masks(None, None, False)
         return lambda xs: self.kind.execute(self.block, xs, M)
 
-    def run_width(self, x: Tensor, choice: Tensor) -> Tensor:
+    def run_width(self, x: Tensor, choice: Tensor, inplace: bool = False) -> Tensor:
         """Inference in width mode: choice [N] is 0 (skip) or 1 + the index of the sample's width;
         samples are grouped by choice and each group runs one dense block of its width."""
         paths = [self.skip_path] + [self.width_path(int(k)) for k in self.counts.tolist()]
-        return route(x, choice, paths, identity_inplace=self._inplace(False))
+        return route(x, choice, paths, identity_inplace=self._inplace(False, inplace))

@@ -147,7 +147,7 @@ class _Controller:
         else:
             r = soft.mean(1)
         self._account(cb, execute, layer_w, r)
-        return blk.run(x, execute, layer_w, soft, hard, training, self._mode())
+        return blk.run(x, execute, layer_w, soft, hard, training, self._mode(), inplace=net.inplace_skip)
 
     def _mode(self) -> str:
         """Training in "all" mode runs both paths for every sample (each decision's logit gets the
@@ -182,7 +182,8 @@ class _Controller:
         self._account(cb, execute, layer_w, r)
         if training or self.execution == "masked":
             return blk.run(x, execute, layer_w, soft, soft > 0.5, training, self._mode())
-        return blk.run_width(x, torch.where(execute, choice + 1, torch.zeros_like(choice)))
+        return blk.run_width(x, torch.where(execute, choice + 1, torch.zeros_like(choice)),
+                             inplace=net.inplace_skip)
 
     def _fit_budget_width(self, blk, cb, execute, choice):
         k_max = self._affordable(blk, cb)
@@ -284,6 +285,9 @@ class DDINet(nn.Module):
         self.tighten = True
         self.halt_stage = len(stages) - 1
         self.collect_exits = False
+        # inference: blocks with an identity shortcut write their executed samples into their input
+        # (an activation of this forward); set False if the model reuses a block's input elsewhere
+        self.inplace_skip = True
         self.cost_unit = cost
         self.energy = energy
         self.table = self.measure_costs(cost, energy=energy)

@@ -13,7 +13,9 @@ or its 1x1 projection) stays float in every path.
 Execution
 ---------
 * eval: only the chosen path per sample (`pyeff.dynamic.route`: grouped by decision, an empty
-  group costs nothing). Quantised paths run `pyeff.ops.quant_conv2d` (int8 GEMMs, 9-16 bits as
+  group costs nothing). For a block whose shortcut is the identity, the executed groups are
+  written into the block's input in place (an activation the forward owns): skipped rows are
+  never copied. Quantised paths run `pyeff.ops.quant_conv2d` (int8 GEMMs, 9-16 bits as
   int8 slices).
 * training, `train_mode="all"` (the paper's): every path on every sample, masked by the gate's
   straight-through one-hot (`pyeff.dynamic.masked_all_paths`); every choice's logit gets the
@@ -133,6 +135,7 @@ class _Controller:
         self.momentum: float | None = 0.1  # None: cumulative average (calibration)
         self.forced: Tensor | None = None  # [N, G] or [G] choice indices
         self.execution = "routed"   # eval: "routed" (only the chosen path) or "masked" (all, then mask)
+        self.inplace_skip = True    # eval: identity-skip blocks write into their input (see DFSNet)
         self.reset()
 
     def reset(self):
@@ -166,6 +169,9 @@ class DFSBlock(nn.Module):
         self.register_buffer("act_range", torch.full((nconv, 2), float("nan")))
         self.register_buffer("act_count", torch.zeros(nconv, dtype=torch.int64))
         self._ctl: _Controller | None = None
+        # skip = identity: at inference the other groups are written into the block's input in place
+        sc = getattr(block, "shortcut", getattr(block, "downsample", None))
+        self._skip_inplace = 0 if self.bits[0] == 0 and (sc is None or isinstance(sc, nn.Identity)) else None
 
     def extra_repr(self) -> str:
         return f"index={self.index}, bits={self.bits}, train_mode={self.train_mode!r}"
@@ -258,15 +264,17 @@ class DFSBlock(nn.Module):
         return [make(b) for b in self.bits]
 
     def execute(self, x: Tensor, decisions: Tensor, weights: Tensor | None = None, training: bool = False,
-                execution: str = "routed") -> Tensor:
-        """Run the block for per-sample `decisions` ([N] choice indices)."""
+                execution: str = "routed", inplace: bool = False) -> Tensor:
+        """Run the block for per-sample `decisions` ([N] choice indices). `inplace`: x is an
+        activation the caller owns and may be overwritten (the net's own forward)."""
         if training:
             if self.train_mode == "all":
                 return masked_all_paths(x, decisions, self.paths("fake", self.shortcut(x)), weights)
             return route(x, decisions, self.paths("fake"), weights)
         if execution == "masked":
             return masked_all_paths(x, decisions, self.paths("engine", self.shortcut(x)), weights)
-        return route(x, decisions, self.paths("engine"), weights)
+        return route(x, decisions, self.paths("engine"), weights,
+                     identity_inplace=self._skip_inplace if inplace else None)
 
     def forward(self, x: Tensor) -> Tensor:
         ctl = self._ctl
@@ -281,4 +289,4 @@ class DFSBlock(nn.Module):
         ctl.decisions.append(decisions)
         ctl.block_costs.append(weights @ ctl.costs.to(weights.dtype))
         use_w = weights if (ctl.training and torch.is_grad_enabled()) else None
-        return self.execute(x, decisions, use_w, ctl.training, ctl.execution)
+        return self.execute(x, decisions, use_w, ctl.training, ctl.execution, inplace=ctl.inplace_skip)

@@ -41,7 +41,11 @@ def _grow_weight_cache(entries: int) -> None:
 
 class DFSNet(nn.Module):
     """A converted residual network. Attributes: `model` (the network, its gated blocks wrapped),
-    `gate` (the shared RecurrentGate), `bits`, `blocks` (the DFSBlocks in execution order)."""
+    `gate` (the shared RecurrentGate), `bits`, `blocks` (the DFSBlocks in execution order).
+
+    At inference, a gated block whose shortcut is the identity writes its executed samples into its
+    input tensor (an activation of this forward), so skipped rows are never copied; set
+    `net.inplace_skip = False` if your model reuses a block's input elsewhere."""
 
     def __init__(self, model: nn.Module, bits: Sequence[int], train_mode: str = "all", gate_bias=None,
                  embed_dim: int = 10, hidden_dim: int = 10):
@@ -92,6 +96,14 @@ class DFSNet(nn.Module):
 
     def gate_parameters(self):
         return self.gate.parameters()
+
+    @property
+    def inplace_skip(self) -> bool:
+        return self._ctl.inplace_skip
+
+    @inplace_skip.setter
+    def inplace_skip(self, value: bool) -> None:
+        self._ctl.inplace_skip = bool(value)
 
     def train(self, mode: bool = True):
         super().train(mode)
