@@ -26,6 +26,12 @@ from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
 from pyeff.ops.masked_conv import _direct_kernel_applies, masked_conv2d
 
 
+def _fresh_inplace(training: bool) -> bool:
+    """Inference without autograd: the blocks' intermediates are fresh tensors nobody else holds,
+    so ReLU and the residual add can overwrite them (no allocation, no first-touch page faults)."""
+    return not training and not torch.is_grad_enabled()
+
+
 class _Masks:
     """How a block's convs see the inner-channel mask: masked kernels at inference, dense convs with
     a straight-through mask in training (or when every channel is on: plain convs)."""
@@ -45,6 +51,15 @@ class _Masks:
 
     def bn(self, bn: nn.Module, h: Tensor) -> Tensor:
         return bn(h)
+
+    def relu(self, h: Tensor) -> Tensor:
+        return F.relu(h, inplace=_fresh_inplace(self.training))
+
+    def add_relu(self, r: Tensor, s: Tensor) -> Tensor:
+        """relu(r + s), in place on r (a fresh intermediate) at inference."""
+        if _fresh_inplace(self.training):
+            return r.add_(s).relu_()
+        return F.relu(r + s)
 
     def apply(self, h: Tensor) -> Tensor:
         """After the activation of a gated conv's output: zero the inactive channels (training; at
@@ -74,6 +89,12 @@ class _Slice:
         return F.batch_norm(h, bn.running_mean[:k], bn.running_var[:k], None if bn.weight is None else bn.weight[:k],
                             None if bn.bias is None else bn.bias[:k], False, 0.0, bn.eps)
 
+    def relu(self, h: Tensor) -> Tensor:
+        return F.relu(h, inplace=_fresh_inplace(False))
+
+    def add_relu(self, r: Tensor, s: Tensor) -> Tensor:
+        return r.add_(s).relu_() if _fresh_inplace(False) else F.relu(r + s)
+
     def apply(self, h: Tensor) -> Tensor:
         return h
 
@@ -92,24 +113,24 @@ def _tv_shortcut(b, x):
 
 def _basic(shortcut):
     def run(b, x, M):
-        h = M.apply(F.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
-        return F.relu(b.bn2(M.conv(b.conv2, h, True, False)) + shortcut(b, x))
+        h = M.apply(M.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
+        return M.add_relu(b.bn2(M.conv(b.conv2, h, True, False)), shortcut(b, x))
     return run
 
 
 def _preact(b, x, M):
-    h = M.apply(F.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
+    h = M.apply(M.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
     return M.conv(b.conv2, h, True, False) + b.shortcut(x)
 
 
 def _bottleneck(b, x, M):
-    h = M.apply(F.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
-    h = M.apply(F.relu(M.bn(b.bn2, M.conv(b.conv2, h, True, True))))
-    return F.relu(b.bn3(M.conv(b.conv3, h, True, False)) + _tv_shortcut(b, x))
+    h = M.apply(M.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
+    h = M.apply(M.relu(M.bn(b.bn2, M.conv(b.conv2, h, True, True))))
+    return M.add_relu(b.bn3(M.conv(b.conv3, h, True, False)), _tv_shortcut(b, x))
 
 
 def _dense(b, x, M):
-    h = M.apply(F.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
+    h = M.apply(M.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
     return torch.cat([x, M.conv(b.conv2, h, True, False)], 1)
 
 
