@@ -114,6 +114,8 @@ class _Controller:
                 self.charge(table.blocks[blk.index].full)
             return blk.exec_path(x)
         cb = table.blocks[blk.index]
+        if not training and not x.is_contiguous():
+            x = x.contiguous()
         pooled = x.mean((2, 3))  # one pooling for both gates
         # layer decision
         layer_w = None
@@ -288,6 +290,10 @@ class DDINet(nn.Module):
         # inference: blocks with an identity shortcut write their executed samples into their input
         # (an activation of this forward); set False if the model reuses a block's input elsewhere
         self.inplace_skip = True
+        # inference on the CPU: the stem and the ungated first block run channels_last (oneDNN is
+        # 2-4x faster there at 16 channels than on NCHW, measured); the first gated block turns the
+        # activation back to NCHW, the layout of pyeff's masked kernels
+        self.stem_channels_last = True
         self.cost_unit = cost
         self.energy = energy
         self.table = self.measure_costs(cost, energy=energy)
@@ -358,6 +364,8 @@ class DDINet(nn.Module):
         halt = self.halt_stage if (self.budget is not None and not self.training) else len(stages) - 1
         want_exits = self.training or self.collect_exits
         exit_logits = []
+        if self.stem_channels_last and not self.training and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # see __init__
         h = stem(x)
         logits = None
         for i, stage in enumerate(stages):
