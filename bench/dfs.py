@@ -30,7 +30,7 @@ def reference_forward(net, x):
     each bit width fake-quantised in float32, float) for every sample and masks."""
     saved = []
     for blk in net.blocks:
-        def execute(xx, decisions, weights=None, training=False, execution="routed", blk=blk):
+        def execute(xx, decisions, weights=None, training=False, execution="routed", inplace=False, blk=blk):
             return masked_all_paths(xx, decisions, blk.paths("fake", blk.shortcut(xx)), weights)
         saved.append(blk.execute)
         blk.execute = execute

@@ -81,21 +81,28 @@ def check_bits(bits) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 # block kinds: the residual branch as a function of a conv runner, the shortcut, the combination
 
+def _relu(t):
+    # without autograd the intermediates are fresh tensors nobody else holds: overwrite them
+    return F.relu(t, inplace=not torch.is_grad_enabled())
+
+
 def _basic_residual(b, x, conv):  # pyeff BasicBlock, torchvision BasicBlock
-    return b.bn2(conv(1, b.conv2, F.relu(b.bn1(conv(0, b.conv1, x)))))
+    return b.bn2(conv(1, b.conv2, _relu(b.bn1(conv(0, b.conv1, x)))))
 
 
 def _preact_residual(b, x, conv):  # pyeff PreActBlock
-    return conv(1, b.conv2, F.relu(b.bn2(conv(0, b.conv1, F.relu(b.bn1(x))))))
+    return conv(1, b.conv2, _relu(b.bn2(conv(0, b.conv1, F.relu(b.bn1(x))))))
 
 
 def _bottleneck_residual(b, x, conv):  # torchvision Bottleneck
-    out = F.relu(b.bn1(conv(0, b.conv1, x)))
-    out = F.relu(b.bn2(conv(1, b.conv2, out)))
+    out = _relu(b.bn1(conv(0, b.conv1, x)))
+    out = _relu(b.bn2(conv(1, b.conv2, out)))
     return b.bn3(conv(2, b.conv3, out))
 
 
 def _relu_add(r, s):
+    if not torch.is_grad_enabled():  # r is the residual branch's fresh output
+        return r.add_(s).relu_()
     return F.relu(r + s)
 
 
