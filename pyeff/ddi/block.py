@@ -15,6 +15,7 @@ values are the same as at inference.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -32,22 +33,67 @@ def _fresh_inplace(training: bool) -> bool:
     return not training and not torch.is_grad_enabled()
 
 
+_FOLD = [True]
+
+
+@contextlib.contextmanager
+def no_bn_folding():
+    """Within the block, every conv runs as its module (forward hooks see it), BN unfolded."""
+    old, _FOLD[0] = _FOLD[0], False
+    try:
+        yield
+    finally:
+        _FOLD[0] = old
+
+
+def _foldable(bn: nn.Module) -> bool:
+    """An eval-mode BN at inference without autograd (folded weights carry no gradient)."""
+    return (_FOLD[0] and isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+            and bn.running_var is not None and not torch.is_grad_enabled())
+
+
+@torch.no_grad()
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """conv followed by an eval-mode BN as one conv (weight, bias); cached on the conv until any
+    tensor involved changes (an optimizer step or a load bumps its version)."""
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors) + (bn.eps,)
+    cached = conv.__dict__.get("_pyeff_folded")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    w = conv.weight * scale.view(-1, 1, 1, 1)
+    b = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        b = b + bn.bias
+    conv.__dict__["_pyeff_folded"] = (key, w, b)
+    return w, b
+
+
 class _Masks:
     """How a block's convs see the inner-channel mask: masked kernels at inference, dense convs with
-    a straight-through mask in training (or when every channel is on: plain convs)."""
+    a straight-through mask in training (or when every channel is on: plain convs). At inference
+    a conv followed by BN runs as one conv with the BN folded in (one pass less per conv)."""
 
     def __init__(self, soft: Tensor | None, hard: Tensor | None, training: bool):
         self.soft, self.hard, self.training = soft, hard, training
 
-    def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
-        if self.training or self.hard is None:
-            return conv(x)
-        if not in_gated and x.device.type == "cpu" and not _direct_kernel_applies(x, conv.stride, conv.groups):
-            # no kernel here would skip work (strided conv1 of a downsampling block): the dense conv;
-            # its inactive outputs need no zeroing, the next conv does not read them
-            return conv(x)
-        return masked_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+    def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool, wb=None) -> Tensor:
+        w, b = wb if wb is not None else (conv.weight, conv.bias)
+        if self.training or self.hard is None or (
+                not in_gated and x.device.type == "cpu" and not _direct_kernel_applies(x, conv.stride, conv.groups)):
+            # (a strided conv1 of a downsampling block: no kernel here would skip work; its inactive
+            # outputs need no zeroing, the next conv does not read them)
+            return conv(x) if wb is None else F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return masked_conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
                              in_mask=self.hard if in_gated else None, out_mask=self.hard if out_gated else None)
+
+    def conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
+        if self.training or not _foldable(bn):
+            return self.bn(bn, self.conv(conv, x, in_gated, out_gated))
+        return self.conv(conv, x, in_gated, out_gated, _folded(conv, bn))
 
     def bn(self, bn: nn.Module, h: Tensor) -> Tensor:
         return bn(h)
@@ -76,13 +122,18 @@ class _Slice:
     def __init__(self, k: int):
         self.k = k
 
-    def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
-        w, b = conv.weight, conv.bias
+    def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool, wb=None) -> Tensor:
+        w, b = wb if wb is not None else (conv.weight, conv.bias)
         if out_gated:
             w, b = w[:self.k], (None if b is None else b[:self.k])
         if in_gated:
             w = w[:, :self.k]
         return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
+        if not _foldable(bn):
+            return self.bn(bn, self.conv(conv, x, in_gated, out_gated))
+        return self.conv(conv, x, in_gated, out_gated, _folded(conv, bn))
 
     def bn(self, bn: nn.BatchNorm2d, h: Tensor) -> Tensor:
         k = self.k
@@ -113,24 +164,24 @@ def _tv_shortcut(b, x):
 
 def _basic(shortcut):
     def run(b, x, M):
-        h = M.apply(M.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
-        return M.add_relu(b.bn2(M.conv(b.conv2, h, True, False)), shortcut(b, x))
+        h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn1, x, False, True)))
+        return M.add_relu(M.conv_bn(b.conv2, b.bn2, h, True, False), shortcut(b, x))
     return run
 
 
 def _preact(b, x, M):
-    h = M.apply(M.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
+    h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
     return M.conv(b.conv2, h, True, False) + b.shortcut(x)
 
 
 def _bottleneck(b, x, M):
-    h = M.apply(M.relu(M.bn(b.bn1, M.conv(b.conv1, x, False, True))))
-    h = M.apply(M.relu(M.bn(b.bn2, M.conv(b.conv2, h, True, True))))
-    return M.add_relu(b.bn3(M.conv(b.conv3, h, True, False)), _tv_shortcut(b, x))
+    h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn1, x, False, True)))
+    h = M.apply(M.relu(M.conv_bn(b.conv2, b.bn2, h, True, True)))
+    return M.add_relu(M.conv_bn(b.conv3, b.bn3, h, True, False), _tv_shortcut(b, x))
 
 
 def _dense(b, x, M):
-    h = M.apply(M.relu(M.bn(b.bn2, M.conv(b.conv1, F.relu(b.bn1(x)), False, True))))
+    h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
     return torch.cat([x, M.conv(b.conv2, h, True, False)], 1)
 
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from pyeff.ddi.block import no_bn_folding
+
 UNITS = ("flops", "energy", "latency")
 UNIT_LABELS = {"flops": "FLOPs / sample", "energy": "pJ / sample", "latency": "ms / sample"}
 
@@ -122,7 +124,7 @@ def build_table(net, x: Tensor, unit: str = "flops", energy: EnergyModel | None 
     hooks = [m.register_forward_hook(lambda m, i, o: records.__setitem__(m, (i[0], o)))
              for m in _costed_modules(net)]
     try:
-        with net.all_open():
+        with net.all_open(), no_bn_folding():  # the convs' forward hooks record their shapes
             net.eval_all_exits(x[:1])
     finally:
         for h in hooks:
