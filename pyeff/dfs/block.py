@@ -287,6 +287,8 @@ class DFSBlock(nn.Module):
         ctl = self._ctl
         if ctl is None:
             raise RuntimeError("a DFSBlock runs inside its DFSNet (pyeff.dfs.convert); call the DFSNet")
+        if not ctl.training and not x.is_contiguous():
+            x = x.contiguous()  # NCHW from here on (DFSNet runs the stem channels_last)
         g = ctl.gate(x, self.index)
         decisions, weights = g.decisions, g.weights
         if ctl.forced is not None:
