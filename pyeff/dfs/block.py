@@ -29,11 +29,10 @@ Activation ranges
 -----------------
 As in the paper, activations are quantised over a range that is, in training, the batch mean of
 the per-sample min/max of the conv's input (inputs clipped to it), tracked as a running average
-(`act_range`, one per conv) for evaluation. pyeff's engine quantises over the min-max of its call's
-input, so an eval call clips the group to the running range and appends one calibration row
-holding the range's ends: the quantiser then sees exactly the running range whatever the group
-holds, and a sample's output does not depend on which other samples share its path (grouped ==
-masked execution). A conv that has never observed data (`act_range` NaN) falls back to the
+(`act_range`, one per conv) for evaluation. An eval call passes the running range to the engine
+(`quant_conv2d(..., a_range=(lo, hi))`): values outside saturate, exactly as if clipped first, and
+a sample's output does not depend on which other samples share its path (grouped == masked
+execution). A conv that has never observed data (`act_range` NaN) falls back to the
 per-call min-max of the engine; `DFSNet.calibrate` fills the ranges without training.
 """
 from __future__ import annotations
@@ -208,18 +207,12 @@ class DFSBlock(nn.Module):
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if lo != lo:  # never observed: the engine's per-call min-max
             return quant_conv2d(x, conv.weight, conv.bias, *args, **kw)
-        n = x.shape[0]
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            else torch.contiguous_format
-        buf = torch.empty((n + 1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
-        torch.clamp(x, lo, hi, out=buf[:n])
-        cal = buf[n]  # the calibration row: zeros (the engine's range always holds 0) and both ends
-        cal.zero_()
-        flat_idx = [(0, 0, 0), (0, 0, 1) if cal.shape[2] > 1 else (0, 1, 0) if cal.shape[1] > 1 else (1, 0, 0)]
-        if max(cal.shape) < 2:
-            raise RuntimeError("pyeff.dfs: a 1x1x1 feature map cannot carry a calibration range")
-        cal[flat_idx[0]], cal[flat_idx[1]] = lo, hi
-        return quant_conv2d(buf, conv.weight, conv.bias, *args, **kw)[:n]
+        # the running range as the quantiser's range: values outside saturate, exactly as if x were
+        # clipped to it first (what the paper does), with no clip copy and no min-max pass. The
+        # quantiser's range always holds 0; a running range that does not is clipped explicitly.
+        if lo > 0 or hi < 0:
+            x = x.clamp(lo, hi)
+        return quant_conv2d(x, conv.weight, conv.bias, *args, a_range=(lo, hi), **kw)
 
     # -- the paths ----------------------------------------------------------------------------
     def _conv_runner(self, bits: int, impl: str) -> Callable:

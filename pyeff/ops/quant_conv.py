@@ -41,6 +41,7 @@ operands fake_quant(x, a_bits) and fake_quant(w, w_bits, scheme="sym", axis=0).
 """
 import collections
 import functools
+import math
 import numbers
 import os
 import weakref
@@ -87,6 +88,13 @@ def activation_params(x: Tensor, a_bits: int, minmax=None):
     return scale, inv, zp, qmax
 
 
+def fixed_range(a_range):
+    """A `minmax` for activation_params that returns the given (lo, hi) instead of the data's."""
+    def minmax(x: Tensor, axis) -> Tensor:
+        return torch.tensor([[a_range[0]], [a_range[1]]], dtype=_compute_dtype(x), device=x.device)
+    return minmax
+
+
 def weight_levels(weight: Tensor, w_bits: int):
     """(integer levels as int64 [K, ...], scale [K]) of the symmetric per-output-channel weight
     quantiser: the levels fake_quant(weight, w_bits, scheme="sym", axis=0) rounds to."""
@@ -109,10 +117,11 @@ def activation_levels(x: Tensor, scale: Tensor, inv: Tensor, zp: Tensor, qmax: i
 
 
 def quant_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-                           groups: int, w_bits: int, a_bits: int) -> Tensor:
+                           groups: int, w_bits: int, a_bits: int, a_range=None) -> Tensor:
     """Fake-quantise both operands in float64 (the levels and scales of pyeff.ops.fake_quant) and
-    run a float64 convolution; the result in x's dtype, channels_last."""
-    scale, inv, zp, qmax = activation_params(x, a_bits)
+    run a float64 convolution; the result in x's dtype, channels_last. `a_range` = (lo, hi): the
+    activation quantiser's range instead of the input's min-max (values outside saturate)."""
+    scale, inv, zp, qmax = activation_params(x, a_bits, None if a_range is None else fixed_range(a_range))
     xd = (activation_levels(x, scale, inv, zp, qmax).double() - zp.double()) * scale.double()
     wq, wscale = weight_levels(weight, w_bits)
     wd = wq.double() * wscale.double().view(-1, 1, 1, 1)
@@ -273,7 +282,7 @@ def _cpu_path(x: Tensor, a_bits: int, w_bits: int, kd: int, l1max: int, qmax: in
     return "gemm"
 
 
-def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits):
+def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range=None):
     dev = x.device
     ops = torch.ops.pyeff
     N, C = x.shape[:2]
@@ -283,7 +292,8 @@ def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
     if kd > _MAX_KD:
         raise ValueError(f"pyeff.ops.quant_conv2d: C/groups * kh * kw = {kd} exceeds {_MAX_KD}, where int32 "
                          "accumulation of int8 slices could overflow; use backend='reference'")
-    scale, inv, zp_t, qmax = activation_params(x, a_bits, ops.fake_quant_minmax)
+    scale, inv, zp_t, qmax = activation_params(
+        x, a_bits, ops.fake_quant_minmax if a_range is None else fixed_range(a_range))
     zp = int(zp_t.item())
     S_a = act_slices(a_bits)
     conv = (tuple(stride), tuple(padding), tuple(dilation))
@@ -342,13 +352,13 @@ def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
     return ops.quant_conv_epilogue(acc, corr, S_w, rowsum, float(scale), wscale, bias, [N, K, OH, OW], out_dtype)
 
 
-def _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits):
+def _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range=None):
     from pyeff.kernels import quant_conv as tk
 
     N = x.shape[0]
     K, Cg, KH, KW = weight.shape
     OH, OW = _out_hw(x, weight, stride, padding, dilation)
-    scale, inv, zp_t, qmax = activation_params(x, a_bits, _triton_minmax())
+    scale, inv, zp_t, qmax = activation_params(x, a_bits, _triton_minmax() if a_range is None else fixed_range(a_range))
     zp = int(zp_t.item())
     S_a = act_slices(a_bits)
     stack, wscale, S_w, offset, _ = _prepared(weight, ("digits", w_bits, groups),
@@ -381,15 +391,15 @@ def _triton_minmax():
     return fq.minmax
 
 
-def _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend):
+def _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range=None):
     if x.shape[0] == 0:
         OH, OW = _out_hw(x, weight, stride, padding, dilation)
         return x.new_empty((0, weight.shape[0], OH, OW)).contiguous(memory_format=torch.channels_last)
     if backend == "reference":
-        return quant_conv2d_reference(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits)
+        return quant_conv2d_reference(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range)
     if backend == "native":
-        return _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits)
-    return _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits)
+        return _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range)
+    return _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range)
 
 
 def _resolve(device: torch.device, backend: str) -> str:
@@ -404,21 +414,24 @@ def _resolve(device: torch.device, backend: str) -> str:
 
 @torch.library.custom_op("pyeff::quant_conv2d", mutates_args=())
 def _quant_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
-                     dilation: List[int], groups: int, w_bits: int, a_bits: int, backend: str) -> Tensor:
-    return _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, _resolve(x.device, backend))
+                     dilation: List[int], groups: int, w_bits: int, a_bits: int, backend: str,
+                     a_range: Optional[List[float]] = None) -> Tensor:
+    return _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, _resolve(x.device, backend),
+                a_range)
 
 
 @_quant_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend):
+def _(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range=None):
     OH, OW = _out_hw(x, weight, stride, padding, dilation)
     return x.new_empty((x.shape[0], weight.shape[0], OH, OW)).contiguous(memory_format=torch.channels_last)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend = inputs
+    x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range = inputs
     ctx.save_for_backward(x, weight)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.bits = (w_bits, a_bits)
+    ctx.a_range = a_range
     ctx.has_bias = bias is not None
 
 
@@ -428,12 +441,18 @@ def _backward(ctx, grad):
     stride, padding, dilation, groups = ctx.conv
     w_bits, a_bits = ctx.bits
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    xq = fake_quant(x.detach(), a_bits) if need_w else x
+    if not need_w:
+        xq = x
+    elif ctx.a_range is None:
+        xq = fake_quant(x.detach(), a_bits)
+    else:  # the fixed range's levels (values outside saturate)
+        scale, inv, zp, qmax = activation_params(x, a_bits, fixed_range(ctx.a_range))
+        xq = ((activation_levels(x.detach(), scale, inv, zp, qmax) - zp) * scale).to(x.dtype)
     wq = fake_quant(weight.detach(), w_bits, scheme="sym", axis=0) if need_x else weight
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad.to(x.dtype), xq, wq, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
         False, [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias])
-    return gx, gw, gb, None, None, None, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 _quant_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -485,9 +504,10 @@ def _check_bits(op: str, w_bits, a_bits):
 
 
 def quant_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, *, w_bits: int = 8, a_bits: int = 8, backend: Optional[str] = None) -> Tensor:
+                 groups: int = 1, *, w_bits: int = 8, a_bits: int = 8, a_range=None,
+                 backend: Optional[str] = None) -> Tensor:
     """2-D convolution computed in integers: F.conv2d's arguments, with the activations quantised to
-    `a_bits` (asymmetric, per tensor, min-max of this call's input) and the weights to `w_bits`
+    `a_bits` (asymmetric, per tensor, min-max of this call's input, or `a_range`) and the weights to `w_bits`
     (symmetric, per output channel); int8 GEMMs with int32 accumulation (widths above 8 bits as
     int8 slices) and a fused dequantising epilogue that adds the bias.
 
@@ -498,6 +518,10 @@ def quant_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
         stride, padding, dilation: int or pair (padding >= 0, no strings).
         groups: divides C and K.
         w_bits: 2-16. a_bits: 1-16.
+        a_range: None, or (lo, hi) finite floats with lo <= hi: quantise the activations over this
+            range, widened to hold 0 as the min-max range is, instead of the call's min-max; values
+            outside the widened range saturate, exactly as if x were clipped to it first. A running
+            range (DFS) saves the min-max pass and makes a sample's output independent of its batch.
         backend: "auto", "native", "triton" or "reference" (see pyeff.ops._backend).
 
     Returns [N, K, OH, OW] in x's dtype, channels_last memory format. Equal to
@@ -542,7 +566,16 @@ def quant_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     if OH < 1 or OW < 1:
         raise ValueError(f"pyeff.ops.{op}: input {tuple(x.shape[-2:])} (padded by {padding}) is smaller than the "
                          f"dilated kernel {tuple(weight.shape[-2:])}")
-    return _quant_conv2d_op(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend or "auto")
+    if a_range is not None:
+        try:
+            lo, hi = (float(v) for v in a_range)
+        except (TypeError, ValueError):
+            raise TypeError(f"pyeff.ops.{op}: a_range must be a pair of floats (lo, hi), got {a_range!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise ValueError(f"pyeff.ops.{op}: a_range must be finite with lo <= hi, got {(lo, hi)}")
+        a_range = [lo, hi]
+    return _quant_conv2d_op(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend or "auto",
+                            a_range)
 
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, w_bits: int = 8, a_bits: int = 8,
