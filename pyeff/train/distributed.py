@@ -65,6 +65,9 @@ def setup(device_type: str) -> tuple[DistInfo, bool]:
 
 def teardown():
     if dist.is_available() and dist.is_initialized():
+        # every rank reaches here before any tears down: a rank that destroys its group (rank 0 hosts
+        # the store) while another still talks to it can abort the process (seen once in CI, under load)
+        dist.barrier()
         dist.destroy_process_group()
 
 
