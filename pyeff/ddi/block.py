@@ -24,13 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
+from pyeff.dynamic.modules import add_relu_, identity_shortcut, relu_
 from pyeff.ops.masked_conv import _direct_kernel_applies, masked_conv2d
-
-
-def _fresh_inplace(training: bool) -> bool:
-    """Inference without autograd: the blocks' intermediates are fresh tensors nobody else holds,
-    so ReLU and the residual add can overwrite them (no allocation, no first-touch page faults)."""
-    return not training and not torch.is_grad_enabled()
 
 
 _FOLD = [True]
@@ -98,15 +93,6 @@ class _Masks:
     def bn(self, bn: nn.Module, h: Tensor) -> Tensor:
         return bn(h)
 
-    def relu(self, h: Tensor) -> Tensor:
-        return F.relu(h, inplace=_fresh_inplace(self.training))
-
-    def add_relu(self, r: Tensor, s: Tensor) -> Tensor:
-        """relu(r + s), in place on r (a fresh intermediate) at inference."""
-        if _fresh_inplace(self.training):
-            return r.add_(s).relu_()
-        return F.relu(r + s)
-
     def apply(self, h: Tensor) -> Tensor:
         """After the activation of a gated conv's output: zero the inactive channels (training; at
         inference the next conv does not read them)."""
@@ -115,11 +101,12 @@ class _Masks:
         return h
 
 
-class _Slice:
+class _Slice(_Masks):
     """Width mode at inference: the first k inner channels run, as ordinary dense convs on sliced
     weights (oneDNN/cuDNN speed; no per-channel masks)."""
 
     def __init__(self, k: int):
+        super().__init__(None, None, False)
         self.k = k
 
     def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool, wb=None) -> Tensor:
@@ -130,24 +117,10 @@ class _Slice:
             w = w[:, :self.k]
         return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
-    def conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
-        if not _foldable(bn):
-            return self.bn(bn, self.conv(conv, x, in_gated, out_gated))
-        return self.conv(conv, x, in_gated, out_gated, _folded(conv, bn))
-
     def bn(self, bn: nn.BatchNorm2d, h: Tensor) -> Tensor:
         k = self.k
         return F.batch_norm(h, bn.running_mean[:k], bn.running_var[:k], None if bn.weight is None else bn.weight[:k],
                             None if bn.bias is None else bn.bias[:k], False, 0.0, bn.eps)
-
-    def relu(self, h: Tensor) -> Tensor:
-        return F.relu(h, inplace=_fresh_inplace(False))
-
-    def add_relu(self, r: Tensor, s: Tensor) -> Tensor:
-        return r.add_(s).relu_() if _fresh_inplace(False) else F.relu(r + s)
-
-    def apply(self, h: Tensor) -> Tensor:
-        return h
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,24 +137,24 @@ def _tv_shortcut(b, x):
 
 def _basic(shortcut):
     def run(b, x, M):
-        h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn1, x, False, True)))
-        return M.add_relu(M.conv_bn(b.conv2, b.bn2, h, True, False), shortcut(b, x))
+        h = M.apply(relu_(M.conv_bn(b.conv1, b.bn1, x, False, True)))
+        return add_relu_(M.conv_bn(b.conv2, b.bn2, h, True, False), shortcut(b, x))
     return run
 
 
 def _preact(b, x, M):
-    h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
+    h = M.apply(relu_(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
     return M.conv(b.conv2, h, True, False) + b.shortcut(x)
 
 
 def _bottleneck(b, x, M):
-    h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn1, x, False, True)))
-    h = M.apply(M.relu(M.conv_bn(b.conv2, b.bn2, h, True, True)))
-    return M.add_relu(M.conv_bn(b.conv3, b.bn3, h, True, False), _tv_shortcut(b, x))
+    h = M.apply(relu_(M.conv_bn(b.conv1, b.bn1, x, False, True)))
+    h = M.apply(relu_(M.conv_bn(b.conv2, b.bn2, h, True, True)))
+    return add_relu_(M.conv_bn(b.conv3, b.bn3, h, True, False), _tv_shortcut(b, x))
 
 
 def _dense(b, x, M):
-    h = M.apply(M.relu(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
+    h = M.apply(relu_(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
     return torch.cat([x, M.conv(b.conv2, h, True, False)], 1)
 
 
@@ -276,8 +249,8 @@ class DDIBlock(nn.Module):
         self.width = kind.width(block)
         self.in_channels = kind.in_channels(block)
         # skipped samples keep their input: at inference the executed ones are written into it in place
-        self.identity_skip = all(isinstance(getattr(block, a, None), (nn.Identity, type(None))) for a in kind.shortcut) \
-            and kind.skip is not _dense_skip
+        self.identity_skip = identity_shortcut(block)
+        self.projection_shortcut = bool(kind.shortcut) and not self.identity_skip  # a resolution/width change
         if channel_mode not in CHANNEL_MODES:
             raise ValueError(f"pyeff.ddi: channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}")
         self.channel_mode = channel_mode if channel_gate else None
@@ -321,10 +294,8 @@ class DDIBlock(nn.Module):
         def ex(xs, s=None, h=None):
             return self.exec_path(xs, s, h, training)
         if execution == "masked":  # the papers' execution: every sample through both paths, then masked
-            def ex_all(xs, s=None, h=None):
-                return self.exec_path(xs, s, h, training=True)  # dense convs, masks as multiplies
-            return masked_all_paths(x, execute.to(torch.int64), [self.skip_path, lambda xs: ex_all(xs, soft, hard)],
-                                    layer_weights)
+            full = lambda xs: self.exec_path(xs, soft, hard, training=True)  # noqa: E731 (dense convs, masks multiply)
+            return masked_all_paths(x, execute.to(torch.int64), [self.skip_path, full], layer_weights)
         return route(x, execute.to(torch.int64), [self.skip_path, ex], layer_weights, extras=(soft, hard),
                      identity_inplace=self._inplace(training, inplace))
 

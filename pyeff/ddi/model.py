@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.ddi.block import DEFAULT_WIDTHS, SUPPORTED, DDIBlock, _dense_skip, block_kind
+from pyeff.ddi.block import DEFAULT_WIDTHS, SUPPORTED, DDIBlock, block_kind
 from pyeff.ddi.costs import UNITS, CostTable, EnergyModel, build_table
 from pyeff.dynamic import RecurrentGate, straight_through
-from pyeff.dynamic.modules import find_blocks, replace_submodule
+from pyeff.dynamic.modules import find_blocks, replace_submodule, swapped
 
 
 TRAIN_MODES = ("all", "routed")
@@ -141,7 +141,8 @@ class _Controller:
             hard = self.forced_channels[blk.index].to(x.device)
             soft = hard.to(x.dtype)
         if net.budget is not None and net.tighten and not training:
-            execute, hard, soft = self._fit_budget(blk, cb, execute, hard, scores)
+            execute, hard = self._fit_budget(blk, cb, execute, hard, scores)
+            soft = None if hard is None else hard.to(x.dtype)
         if soft is None:
             r = torch.ones(n, dtype=x.dtype, device=x.device)
         elif training:  # the cost reaches each channel's logit at the scale it reaches the layer gate's
@@ -210,7 +211,7 @@ class _Controller:
         P = blk.width
         k_max = self._affordable(blk, cb)
         if hard is None:                                            # no channel gate: all or nothing
-            return execute & (k_max >= P), None, None
+            return execute & (k_max >= P), None
         k_want = hard.sum(1)
         execute = execute & (k_max >= k_want.clamp(max=1))
         over = execute & (k_want > k_max)
@@ -219,7 +220,7 @@ class _Controller:
                 scores = hard.to(torch.float64) - torch.arange(P, device=hard.device) / (2.0 * P)
             rank = scores.argsort(1, descending=True).argsort(1)
             hard = torch.where(over[:, None], hard & (rank < k_max[:, None]), hard)
-        return execute, hard, hard.to(torch.float32)
+        return execute, hard
 
 
 class DDINet(nn.Module):
@@ -258,7 +259,7 @@ class DDINet(nn.Module):
             # a block with a projection shortcut changes the resolution or width: skipping it replaces
             # the block by a 1x1 conv, which costs accuracy out of proportion (measured); by default it
             # always runs (its inner channels stay gated), as ConvNet-AIG does
-            d.layer_gated = layer_gates and (skip_downsampling or d.kind.skip is _dense_skip or d.identity_skip)
+            d.layer_gated = layer_gates and (skip_downsampling or not d.projection_shortcut)
             replace_submodule(stage, name, d)
             wrapped.append(d)
         self.blocks = wrapped  # a plain list: the blocks are registered inside `model`
@@ -326,20 +327,14 @@ class DDINet(nn.Module):
         for comparison; the outputs are the same)."""
         if mode not in ("routed", "masked"):
             raise ValueError(f"execution must be 'routed' or 'masked', got {mode!r}")
-        old, self._ctl.execution = self._ctl.execution, mode
-        try:
+        with swapped(self._ctl, execution=mode):
             yield self
-        finally:
-            self._ctl.execution = old
 
     @contextlib.contextmanager
     def all_open(self):
         """Every block executes with every channel (the dense network; gates are not consulted)."""
-        old, self._ctl.open = self._ctl.open, True
-        try:
+        with swapped(self._ctl, open=True):
             yield self
-        finally:
-            self._ctl.open = old
 
     @torch.no_grad()
     def eval_all_exits(self, x: Tensor):
@@ -386,11 +381,11 @@ class DDINet(nn.Module):
             spent = ctl.spent if isinstance(ctl.spent, Tensor) else torch.full((n,), float(ctl.spent), device=x.device)
         else:  # exact (float64) accounting of what ran
             spent = ctl.spent_exact
-        G = len(self.blocks)
+        G, ran = len(self.blocks), len(ctl.execute)  # blocks after a halting exit did not run
         execute = torch.zeros(n, G, dtype=torch.bool, device=x.device)
         channels = torch.zeros(n, G, device=x.device)
-        for j, (e, c) in enumerate(zip(ctl.execute, ctl.channels)):
-            execute[:, j], channels[:, j] = e, c
+        if ran:
+            execute[:, :ran], channels[:, :ran] = torch.stack(ctl.execute, 1), torch.stack(ctl.channels, 1)
         aux = {"cost": spent / t.dense, "execute": execute, "channels": channels, "exits": exit_logits,
                "halted_at": halt}
         ctl.reset(0, x.device)
@@ -477,7 +472,6 @@ class DDINet(nn.Module):
         width indices, or None); the gates still run (their cost is real), only their answers are
         replaced."""
         G = len(self.blocks)
-        old = (self._ctl.forced_execute, self._ctl.forced_channels)
         if execute is not None:
             execute = torch.as_tensor(execute)
             if execute.dtype != torch.bool or execute.shape[-1] != G or execute.dim() not in (1, 2):
@@ -497,11 +491,8 @@ class DDINet(nn.Module):
                 elif m.dtype != torch.bool or m.dim() != 2 or m.shape[1] != blk.width:
                     raise ValueError(f"channels[{blk.index}] must be bool [N, {blk.width}], got {m.dtype} "
                                      f"{tuple(m.shape)}")
-        self._ctl.forced_execute, self._ctl.forced_channels = execute, channels
-        try:
+        with swapped(self._ctl, forced_execute=execute, forced_channels=channels):
             yield self
-        finally:
-            self._ctl.forced_execute, self._ctl.forced_channels = old
 
     # -- parameters and statistics ------------------------------------------------------------
     def gate_parameters(self):

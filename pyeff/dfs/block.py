@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.dynamic import masked_all_paths, route
+from pyeff.dynamic.modules import add_relu_, identity_shortcut, relu_
 from pyeff.ops import fake_quant
 from pyeff.ops.quant_conv import quant_conv2d
 
@@ -80,29 +81,18 @@ def check_bits(bits) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 # block kinds: the residual branch as a function of a conv runner, the shortcut, the combination
 
-def _relu(t):
-    # without autograd the intermediates are fresh tensors nobody else holds: overwrite them
-    return F.relu(t, inplace=not torch.is_grad_enabled())
-
-
 def _basic_residual(b, x, conv):  # pyeff BasicBlock, torchvision BasicBlock
-    return b.bn2(conv(1, b.conv2, _relu(b.bn1(conv(0, b.conv1, x)))))
+    return b.bn2(conv(1, b.conv2, relu_(b.bn1(conv(0, b.conv1, x)))))
 
 
 def _preact_residual(b, x, conv):  # pyeff PreActBlock
-    return conv(1, b.conv2, _relu(b.bn2(conv(0, b.conv1, F.relu(b.bn1(x))))))
+    return conv(1, b.conv2, relu_(b.bn2(conv(0, b.conv1, F.relu(b.bn1(x))))))
 
 
 def _bottleneck_residual(b, x, conv):  # torchvision Bottleneck
-    out = _relu(b.bn1(conv(0, b.conv1, x)))
-    out = _relu(b.bn2(conv(1, b.conv2, out)))
+    out = relu_(b.bn1(conv(0, b.conv1, x)))
+    out = relu_(b.bn2(conv(1, b.conv2, out)))
     return b.bn3(conv(2, b.conv3, out))
-
-
-def _relu_add(r, s):
-    if not torch.is_grad_enabled():  # r is the residual branch's fresh output
-        return r.add_(s).relu_()
-    return F.relu(r + s)
 
 
 def _add(r, s):
@@ -115,7 +105,7 @@ def block_kind(block: nn.Module):
     from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
 
     if isinstance(block, BasicBlock):
-        return _basic_residual, (lambda b, x: b.shortcut(x)), _relu_add, 2
+        return _basic_residual, (lambda b, x: b.shortcut(x)), add_relu_, 2
     if isinstance(block, PreActBlock):
         return _preact_residual, (lambda b, x: b.shortcut(x)), _add, 2
     try:
@@ -124,9 +114,9 @@ def block_kind(block: nn.Module):
         return None
     tv_short = (lambda b, x: x if b.downsample is None else b.downsample(x))
     if isinstance(block, TVBasic):
-        return _basic_residual, tv_short, _relu_add, 2
+        return _basic_residual, tv_short, add_relu_, 2
     if isinstance(block, TVBottleneck):
-        return _bottleneck_residual, tv_short, _relu_add, 3
+        return _bottleneck_residual, tv_short, add_relu_, 3
     return None
 
 
@@ -176,8 +166,7 @@ class DFSBlock(nn.Module):
         self.register_buffer("act_count", torch.zeros(nconv, dtype=torch.int64))
         self._ctl: _Controller | None = None
         # skip = identity: at inference the other groups are written into the block's input in place
-        sc = getattr(block, "shortcut", getattr(block, "downsample", None))
-        self._skip_inplace = 0 if self.bits[0] == 0 and (sc is None or isinstance(sc, nn.Identity)) else None
+        self._skip_inplace = 0 if self.bits[0] == 0 and identity_shortcut(block) else None
 
     def extra_repr(self) -> str:
         return f"index={self.index}, bits={self.bits}, train_mode={self.train_mode!r}"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pyeff.dfs.block import FULL, DFSBlock, _Controller, block_kind, check_bits
 from pyeff.dynamic import RecurrentGate, choice_costs
-from pyeff.dynamic.modules import find_blocks, replace_submodule
+from pyeff.dynamic.modules import find_blocks, replace_submodule, swapped
 
 PAPER_BITS = (0, 8, 10, 12, 14, 16, 32)
 HW_BITS = (0, 4, 8, 16, 32)
@@ -140,12 +140,8 @@ class DFSNet(nn.Module):
             raise ValueError(f"decisions must have shape [{G}] or [N, {G}], got {tuple(d.shape)}")
         if int(d.min()) < 0 or int(d.max()) >= len(self.bits):
             raise ValueError(f"decisions must be choice indices in [0, {len(self.bits)})")
-        old = self._ctl.forced
-        self._ctl.forced = d
-        try:
+        with swapped(self._ctl, forced=d):
             yield self
-        finally:
-            self._ctl.forced = old
 
     def choice_index(self, bits: int) -> int:
         if bits not in self.bits:
@@ -158,11 +154,8 @@ class DFSNet(nn.Module):
         then the one-hot mask: the paper's execution, for comparison)."""
         if mode not in ("routed", "masked"):
             raise ValueError(f"execution must be 'routed' or 'masked', got {mode!r}")
-        old, self._ctl.execution = self._ctl.execution, mode
-        try:
+        with swapped(self._ctl, execution=mode):
             yield self
-        finally:
-            self._ctl.execution = old
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable, bits: int | None = None) -> "DFSNet":
