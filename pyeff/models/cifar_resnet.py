@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pyeff.models.registry import register_model
 
-__all__ = ["BasicBlock", "PreActBlock", "CifarResNet", "ClassifierHead", "init_weights", "RESNET_DEPTHS"]
+__all__ = ["BasicBlock", "PreActBlock", "StagedNet", "CifarResNet", "ClassifierHead", "init_weights", "RESNET_DEPTHS"]
 
 RESNET_DEPTHS = (20, 32, 38, 44, 56, 74, 110)
 WIDTHS = (16, 32, 64)
@@ -89,7 +89,25 @@ class ClassifierHead(nn.Module):
         return self.fc(torch.flatten(self.pool(self.act(self.norm(x))), 1))
 
 
-class CifarResNet(nn.Module):
+class StagedNet(nn.Module):
+    """stem -> stages() in order -> head: the layout pyeff's CIFAR networks share, which dynamic
+    methods (DDI's exits and budgets) drive stage by stage. Subclasses set `stem` and `head` and
+    define `stages()`."""
+
+    def stages(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in self.stages():
+            x = s(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+class CifarResNet(StagedNet):
     """ResNet for 32x32 inputs: 3 stages of n blocks each, depth = 6n + 2."""
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, preact: bool = False,
@@ -123,15 +141,6 @@ class CifarResNet(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """All residual blocks in execution order."""
         return [b for s in self.stages() for b in s]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for s in self.stages():
-            x = s(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def init_weights(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pyeff.models.cifar_resnet import ClassifierHead, init_weights
+from pyeff.models.cifar_resnet import ClassifierHead, StagedNet, init_weights
 from pyeff.models.registry import register_model
 
 __all__ = ["DenseLayer", "Transition", "CifarDenseNet"]
@@ -50,7 +50,7 @@ class Transition(nn.Module):
         return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
 
 
-class CifarDenseNet(nn.Module):
+class CifarDenseNet(StagedNet):
     """DenseNet-BC for 32x32 inputs: depth = 6n + 4 (n bottleneck layers per stage)."""
 
     def __init__(self, depth: int = 40, growth: int = 12, num_classes: int = 10, in_channels: int = 3,
@@ -79,15 +79,6 @@ class CifarDenseNet(nn.Module):
 
     def stages(self) -> list[nn.Sequential]:
         return [self.stage1, self.stage2, self.stage3]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for s in self.stages():
-            x = s(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _make(depth: int, growth: int):
