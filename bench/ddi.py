@@ -8,7 +8,6 @@ density): what is measured is execution speed, not what a trained gate would pic
 run in every DDI timing (their cost is real). A budget row runs the untrained gates under
 `set_budget(0.25)`, where the tightening (not the gates) decides what runs.
 """
-import argparse
 
 import torch
 
@@ -29,21 +28,18 @@ WIDTH_MIXES = {
 }
 
 
-def _draw(net, batch, p_exec, p_ch, seed=0):
+def _draw(net, batch, p_exec, channels=None, seed=0):
+    """Seeded decisions: each sample-block executes with probability p_exec; `channels` is None (all
+    on), a density (mask mode: each inner channel on with that probability) or a tuple of width
+    indices (width mode: one drawn uniformly per sample)."""
     g = torch.Generator().manual_seed(seed)
-    G = len(net.blocks)
-    ex = torch.rand(batch, G, generator=g) < p_exec
-    ch = None if p_ch is None else [torch.rand(batch, b.width, generator=g) < p_ch for b in net.blocks]
-    return ex, ch
-
-
-def _draw_widths(net, batch, p_exec, choices, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    G = len(net.blocks)
-    ex = torch.rand(batch, G, generator=g) < p_exec
-    opts = torch.tensor(choices)
-    ch = [opts[torch.randint(0, len(opts), (batch,), generator=g)] for _ in net.blocks]
-    return ex, ch
+    ex = torch.rand(batch, len(net.blocks), generator=g) < p_exec
+    if channels is None:
+        return ex, None
+    if isinstance(channels, tuple):
+        opts = torch.tensor(channels)
+        return ex, [opts[torch.randint(0, len(opts), (batch,), generator=g)] for _ in net.blocks]
+    return ex, [torch.rand(batch, b.width, generator=g) < channels for b in net.blocks]
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
@@ -91,7 +87,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
         draws[name] = _draw(net, batch, pe, pc)
         fns[f"DDI {name}"] = forced(*draws[name])
     for name, (pe, choices) in WIDTH_MIXES.items():
-        fns[f"DDI {name}"] = forced(*_draw_widths(wnet, batch, pe, choices), net=wnet)
+        fns[f"DDI {name}"] = forced(*_draw(wnet, batch, pe, choices), net=wnet)
     ref_mix = list(MIXES)[1]
     ref_name = f"papers' execution: every block, then masks ({ref_mix})"
     fns[ref_name] = forced(*draws[ref_mix], mode="masked")
@@ -134,10 +130,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shorter timings")
-    p.add_argument("--device", default="cpu", help="cpu only")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p = harness.parser(__doc__, "shorter timings", "cpu only")
     a = p.parse_args(argv)
     run(a.quick, a.device, a.out)
 

@@ -8,7 +8,6 @@ The decisions are fixed per sample and block (drawn once, seeded, from a distrib
 choices whose mean bit-product cost is ~25%): what is measured is execution speed, not what a
 trained gate would pick. The gate still runs in every DFS timing (its cost is real).
 """
-import argparse
 
 import torch
 
@@ -108,10 +107,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shorter timings")
-    p.add_argument("--device", default="cpu", help="cpu only")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p = harness.parser(__doc__, "shorter timings", "cpu only")
     a = p.parse_args(argv)
     run(a.quick, a.device, a.out)
 

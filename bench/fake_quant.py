@@ -3,7 +3,6 @@ fake_quantize ops (with aminmax) and against the plain torch expression, on 1M-6
 
     python bench/fake_quant.py [--quick] [--device cuda]     (or: pyeff bench -k fake_quant)
 """
-import argparse
 
 import torch
 
@@ -81,10 +80,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two sizes instead of four")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p = harness.parser(__doc__, "two sizes instead of four")
     a = p.parse_args(argv)
     run(a.quick, a.device, a.out)
 

@@ -112,3 +112,14 @@ def interleaved_medians(fns: dict, rounds: int) -> dict:
             f()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def parser(doc: str, quick_help: str, devices: str = "cpu or cuda"):
+    """The command line every benchmark script shares: --quick, --device, --out."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--device", default="cpu", help=devices)
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    return p

@@ -9,7 +9,6 @@ over rounds, the ratios are the medians of the per-round ratios (robust on a sha
 
     python bench/masked_conv.py [--quick]      (or: pyeff bench -k masked_conv)
 """
-import argparse
 import os
 import statistics
 import time
@@ -149,10 +148,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, cpu_time: bool =
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one round, shorter timing")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p = harness.parser(__doc__, "one round, shorter timing")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with process CPU time instead of wall time (for a machine shared with other jobs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -12,7 +12,6 @@ pyeff's times include everything per call: the min-max pass, quantisation, the i
 the dequantising epilogue (the weight's quantisation is cached per weight tensor and version, as
 in a layer whose weights do not change between calls).
 """
-import argparse
 import warnings
 
 import torch
@@ -87,10 +86,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two shapes instead of four")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p = harness.parser(__doc__, "two shapes instead of four")
     a = p.parse_args(argv)
     run(a.quick, a.device, a.out)
 

@@ -116,10 +116,12 @@ class _Controller:
         cb = table.blocks[blk.index]
         if not training and not x.is_contiguous():
             x = x.contiguous()
-        pooled = x.mean((2, 3))  # one pooling for both gates
+        layer_gated = net.layer_gates and blk.layer_gated
+        # one pooling for both gates, none when the block has neither (e.g. halting alone)
+        pooled = x.mean((2, 3)) if layer_gated or blk.channel_gate is not None else None
         # layer decision
         layer_w = None
-        if net.layer_gates and blk.layer_gated:
+        if layer_gated:
             g = net.gate(x, blk.index, pooled)
             execute = g.decisions == 1
             layer_w = g.weights if training else None
