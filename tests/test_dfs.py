@@ -71,7 +71,8 @@ def test_all_full_equals_base_and_all_skip_equals_shortcuts(r20):
         ref = r20(x)
         with net.fixed_decisions([2] * G):
             out, aux = net(x)
-        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        # float rounding only: inference folds BN into the convs and runs channels_last
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         assert torch.allclose(aux["cost"], torch.ones(x.shape[0]))
         with net.fixed_decisions([0] * G):
             out, aux = net(x)

@@ -198,6 +198,58 @@ def test_a_range_gradients_and_errors(rng):
         quant_conv2d(x, w, b, **kw, a_range=1.0)
 
 
+@pytest.mark.parametrize("route", ["auto", "gemm"])
+@pytest.mark.parametrize("bits", [(8, 8), (4, 6), (12, 12), (16, 16)])
+def test_out_scale_and_relu_match_reference(bits, route, rng, monkeypatch):
+    # the folded BatchNorm + ReLU of an inference block: out = relu(out_scale * conv + bias)
+    monkeypatch.setenv(qc.CPU_PATH_ENV, route)
+    wb, ab = bits
+    for shape in SHAPES[:4]:
+        x, w, b, kw = _case(shape, rng)
+        s = torch.empty(w.shape[0]).uniform_(-2, 2, generator=rng)
+        for relu in (False, True):
+            ref = quant_conv2d_reference(x, w, b, *(_pairs(kw)), kw["groups"], wb, ab, None, s, relu)
+            if relu:
+                assert (ref == 0).any() and (ref > 0).any()
+            for backend in _backends_here():
+                got = quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab, out_scale=s, relu=relu, backend=backend)
+                torch.testing.assert_close(got, ref, msg=lambda m: f"{backend} {bits} relu={relu}: {m}")
+            # the definition: the plain op, then the scale, the bias, the ReLU
+            plain = quant_conv2d(x, w, None, **kw, w_bits=wb, a_bits=ab, backend="reference")
+            want = plain * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+            torch.testing.assert_close(ref, want.clamp_min(0) if relu else want)
+
+
+def _pairs(kw):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return pair(kw["stride"]), pair(kw["padding"]), pair(kw["dilation"])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_out_scale_relu_gradients(backend, rng):
+    x, w, b, kw = _case(SHAPES[1], rng, torch.float64)
+    s = torch.empty(w.shape[0], dtype=torch.float64).uniform_(-2, 2, generator=rng)
+    leaves = [t.requires_grad_() for t in (x, w, b, s)]
+    out = quant_conv2d(x, w, b, **kw, w_bits=5, a_bits=6, out_scale=s, relu=True, backend=backend)
+    g = torch.randn(out.shape, generator=rng, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, g)
+    x2, w2, b2, s2 = (t.detach().clone().requires_grad_() for t in leaves)
+    conv = F.conv2d(fake_quant(x2, 6), fake_quant(w2, 5, scheme="sym", axis=0), None, **kw)
+    ref = (conv * s2.view(1, -1, 1, 1) + b2.view(1, -1, 1, 1)).relu()
+    for a, e in zip(got, torch.autograd.grad(ref, (x2, w2, b2, s2), g)):
+        torch.testing.assert_close(a, e)
+
+
+def test_out_scale_errors(rng):
+    x, w, b, kw = _case(SHAPES[0], rng)
+    with pytest.raises(ValueError, match="out_scale must be"):
+        quant_conv2d(x, w, b, **kw, out_scale=torch.ones(w.shape[0] + 1))
+    with pytest.raises(ValueError, match="out_scale must be"):
+        quant_conv2d(x, w, b, **kw, out_scale=torch.ones(w.shape[0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="dimensions"):
+        quant_conv2d(x, w, b, **kw, out_scale=torch.ones(w.shape[0], 1))
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_opcheck(backend, rng):
     x, w, b, kw = _case(SHAPES[1], rng)
@@ -205,6 +257,7 @@ def test_opcheck(backend, rng):
     torch.library.opcheck(torch.ops.pyeff.quant_conv2d.default, args)
     torch.library.opcheck(torch.ops.pyeff.quant_conv2d.default, (x, w, None, [1, 1], [0, 0], [1, 1], 3, 16, 9, backend))
     torch.library.opcheck(torch.ops.pyeff.quant_conv2d.default, args + ([-1.0, 2.0],))
+    torch.library.opcheck(torch.ops.pyeff.quant_conv2d.default, args + (None, torch.rand(9), True))
 
 
 def test_opcheck_kernels(rng):

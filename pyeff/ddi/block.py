@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
-from pyeff.dynamic.modules import add_relu_, identity_shortcut, relu_
+from pyeff.dynamic.modules import add_relu_, bn_foldable, fold_bn, identity_shortcut, relu_
 from pyeff.ops.masked_conv import _direct_kernel_applies, masked_conv2d
 
 
@@ -42,29 +42,7 @@ def no_bn_folding():
 
 
 def _foldable(bn: nn.Module) -> bool:
-    """An eval-mode BN at inference without autograd (folded weights carry no gradient)."""
-    return (_FOLD[0] and isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
-            and bn.running_var is not None and not torch.is_grad_enabled())
-
-
-@torch.no_grad()
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """conv followed by an eval-mode BN as one conv (weight, bias); cached on the conv until any
-    tensor involved changes (an optimizer step or a load bumps its version)."""
-    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors) + (bn.eps,)
-    cached = conv.__dict__.get("_pyeff_folded")
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    w = conv.weight * scale.view(-1, 1, 1, 1)
-    b = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
-    if bn.bias is not None:
-        b = b + bn.bias
-    conv.__dict__["_pyeff_folded"] = (key, w, b)
-    return w, b
+    return _FOLD[0] and bn_foldable(bn)
 
 
 class _Masks:
@@ -88,7 +66,7 @@ class _Masks:
     def conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
         if self.training or not _foldable(bn):
             return self.bn(bn, self.conv(conv, x, in_gated, out_gated))
-        return self.conv(conv, x, in_gated, out_gated, _folded(conv, bn))
+        return self.conv(conv, x, in_gated, out_gated, fold_bn(conv, bn))
 
     def bn(self, bn: nn.Module, h: Tensor) -> Tensor:
         return bn(h)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.dynamic import masked_all_paths, route
-from pyeff.dynamic.modules import add_relu_, identity_shortcut, relu_
+from pyeff.dynamic.modules import add_relu_, bn_affine, bn_foldable, fold_bn, identity_shortcut, relu_
 from pyeff.ops import fake_quant
 from pyeff.ops.quant_conv import quant_conv2d
 
@@ -79,20 +79,28 @@ def check_bits(bits) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# block kinds: the residual branch as a function of a conv runner, the shortcut, the combination
+# block kinds: the residual branch as a function of a conv runner, the shortcut, the combination.
+# conv(i, module, x, bn=None, relu=False) runs conv i, then its BatchNorm and ReLU (fused into the
+# conv at inference).
 
 def _basic_residual(b, x, conv):  # pyeff BasicBlock, torchvision BasicBlock
-    return b.bn2(conv(1, b.conv2, relu_(b.bn1(conv(0, b.conv1, x)))))
+    return conv(1, b.conv2, conv(0, b.conv1, x, b.bn1, True), b.bn2)
 
 
 def _preact_residual(b, x, conv):  # pyeff PreActBlock
-    return conv(1, b.conv2, relu_(b.bn2(conv(0, b.conv1, F.relu(b.bn1(x))))))
+    return conv(1, b.conv2, conv(0, b.conv1, relu_(b.bn1(x)), b.bn2, True))
 
 
 def _bottleneck_residual(b, x, conv):  # torchvision Bottleneck
-    out = relu_(b.bn1(conv(0, b.conv1, x)))
-    out = relu_(b.bn2(conv(1, b.conv2, out)))
-    return b.bn3(conv(2, b.conv3, out))
+    out = conv(0, b.conv1, x, b.bn1, True)
+    out = conv(1, b.conv2, out, b.bn2, True)
+    return conv(2, b.conv3, out, b.bn3)
+
+
+def _bn_relu(y: Tensor, bn, relu: bool) -> Tensor:
+    if bn is not None:
+        y = bn(y)
+    return relu_(y) if relu else y
 
 
 def _add(r, s):
@@ -132,6 +140,7 @@ class _Controller:
         self.forced: Tensor | None = None  # [N, G] or [G] choice indices
         self.execution = "routed"   # eval: "routed" (only the chosen path) or "masked" (all, then mask)
         self.inplace_skip = True    # eval: identity-skip blocks write into their input (see DFSNet)
+        self.layout = torch.contiguous_format  # eval: the gated blocks' activation layout
         self.reset()
 
     def reset(self):
@@ -190,18 +199,25 @@ class DFSBlock(nn.Module):
             c.add_(1)
         return lo, hi
 
-    def _quant_eval(self, i: int, conv: nn.Conv2d, x: Tensor, b: int) -> Tensor:
+    def _quant_eval(self, i: int, conv: nn.Conv2d, x: Tensor, b: int, bn, relu: bool) -> Tensor:
         lo, hi = self.act_range[i].tolist()
         kw = dict(w_bits=b, a_bits=b)
+        if bn is not None and bn_foldable(bn):  # BN (and ReLU) in the engine's epilogue
+            kw["out_scale"], bias = bn_affine(bn, conv.bias)
+            kw["relu"], bn, relu = relu, None, False
+        else:
+            bias = conv.bias
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        if lo != lo:  # never observed: the engine's per-call min-max
-            return quant_conv2d(x, conv.weight, conv.bias, *args, **kw)
-        # the running range as the quantiser's range: values outside saturate, exactly as if x were
-        # clipped to it first (what the paper does), with no clip copy and no min-max pass. The
-        # quantiser's range always holds 0; a running range that does not is clipped explicitly.
-        if lo > 0 or hi < 0:
-            x = x.clamp(lo, hi)
-        return quant_conv2d(x, conv.weight, conv.bias, *args, a_range=(lo, hi), **kw)
+        if lo == lo:
+            # the running range as the quantiser's range: values outside saturate, exactly as if x
+            # were clipped to it first (what the paper does), with no clip copy and no min-max
+            # pass. The quantiser's range always holds 0; a running range that does not is
+            # clipped explicitly.
+            if lo > 0 or hi < 0:
+                x = x.clamp(lo, hi)
+            kw["a_range"] = (lo, hi)
+        # (never observed: the engine's per-call min-max)
+        return _bn_relu(quant_conv2d(x, conv.weight, bias, *args, **kw), bn, relu)
 
     # -- the paths ----------------------------------------------------------------------------
     def _conv_runner(self, bits: int, impl: str) -> Callable:
@@ -209,17 +225,20 @@ class DFSBlock(nn.Module):
         observe = ctl is not None and ctl.observe
         momentum = ctl.momentum if ctl is not None else 0.1
 
-        def conv(i, m, x):
+        def conv(i, m, x, bn=None, relu=False):
             if bits == FULL:
                 if observe:
                     self._observe(i, x, momentum)
-                return m(x)
+                if bn is not None and bn_foldable(bn):
+                    w, b = fold_bn(m, bn)
+                    return _bn_relu(F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups), None, relu)
+                return _bn_relu(m(x), bn, relu)
             if impl == "engine":
                 if observe:
                     self._observe(i, x, momentum)
-                    return quant_conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
-                                        w_bits=bits, a_bits=bits)
-                return self._quant_eval(i, m, x, bits)
+                    return _bn_relu(quant_conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
+                                                 w_bits=bits, a_bits=bits), bn, relu)
+                return self._quant_eval(i, m, x, bits, bn, relu)
             # "fake": fake-quantised float conv with straight-through gradients (training)
             if observe:
                 lo, hi = self._observe(i, x, momentum)
@@ -229,7 +248,7 @@ class DFSBlock(nn.Module):
                 x = x.clamp(lo, hi)
             xq = fake_quant(x, bits)
             wq = fake_quant(m.weight, bits, scheme="sym", axis=0)
-            return F.conv2d(xq, wq, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            return _bn_relu(F.conv2d(xq, wq, m.bias, m.stride, m.padding, m.dilation, m.groups), bn, relu)
         return conv
 
     def residual(self, x: Tensor, bits: int, impl: str = "engine") -> Tensor:
@@ -269,8 +288,8 @@ class DFSBlock(nn.Module):
         ctl = self._ctl
         if ctl is None:
             raise RuntimeError("a DFSBlock runs inside its DFSNet (pyeff.dfs.convert); call the DFSNet")
-        if not ctl.training and not x.is_contiguous():
-            x = x.contiguous()  # NCHW from here on (DFSNet runs the stem channels_last)
+        if not ctl.training:
+            x = x.contiguous(memory_format=ctl.layout)  # see DFSNet.channels_last
         g = ctl.gate(x, self.index)
         decisions, weights = g.decisions, g.weights
         if ctl.forced is not None:

@@ -76,6 +76,7 @@ class DFSNet(nn.Module):
         # CPU inference: the stem and the ungated first block run channels_last (oneDNN is 2-4x
         # faster there at 16 channels); the first gated block turns the activation back to NCHW
         self.stem_channels_last = True
+        self.channels_last = True
         _grow_weight_cache(sum(b.act_range.shape[0] for b in wrapped) * sum(1 for b in self.bits if 0 < b < FULL))
 
     @property
@@ -120,8 +121,10 @@ class DFSNet(nn.Module):
         ctl.training = self.training
         ctl.observe = self.training and not self.freeze_base
         ctl.momentum = 0.1
-        if self.stem_channels_last and not self.training and x.device.type == "cpu" and x.dim() == 4:
+        cpu_eval = not self.training and x.device.type == "cpu" and x.dim() == 4
+        if self.stem_channels_last and cpu_eval:
             x = x.contiguous(memory_format=torch.channels_last)  # see __init__
+        ctl.layout = torch.channels_last if self.channels_last and cpu_eval else torch.contiguous_format
         logits = self.model(x)
         cost = torch.stack(ctl.block_costs, 1).mean(1)
         decisions = torch.stack(ctl.decisions, 1)

@@ -1,6 +1,6 @@
 """Module plumbing shared by the dynamic methods (DFS, DDI): finding and replacing the blocks they
 wrap, telling an identity shortcut from a projection, switching a controller's state for the
-length of a `with`, and the in-place ReLU / residual add of inference."""
+length of a `with`, the in-place ReLU / residual add of inference and BatchNorm folding."""
 from __future__ import annotations
 
 import contextlib
@@ -64,3 +64,53 @@ def add_relu_(r: Tensor, s: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         return r.add_(s).relu_()
     return F.relu(r + s)
+
+
+# Inference BatchNorm folded into the conv before it: one pass over the activation less per conv.
+
+def bn_foldable(bn: nn.Module) -> bool:
+    """An eval-mode BatchNorm2d with running statistics, at inference without autograd (folded
+    weights carry no gradient)."""
+    return (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+            and bn.running_var is not None and not torch.is_grad_enabled())
+
+
+def _cached(owner: nn.Module, slot: str, tensors, extra, build):
+    """build() once per identity and in-place version of `tensors` (an optimizer step or a
+    load_state_dict bumps the version), cached on `owner`."""
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors) + extra
+    hit = owner.__dict__.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build()
+    owner.__dict__[slot] = (key, value)
+    return value
+
+
+@torch.no_grad()
+def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with bn(y + conv_bias) == y * scale + shift per channel, for an eval-mode
+    BN; cached until a tensor involved changes."""
+    tensors = (conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+    def build():
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale if conv_bias is None else (conv_bias - bn.running_mean) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return scale, shift
+    return _cached(bn, "_pyeff_affine", tensors, (bn.eps,), build)
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of the one conv equal to conv followed by the eval-mode `bn`; cached on the
+    conv until a tensor involved changes."""
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+    def build():
+        scale, shift = bn_affine(bn, conv.bias)
+        return conv.weight * scale.view(-1, 1, 1, 1), shift
+    return _cached(conv, "_pyeff_folded", tensors, (bn.eps,), build)

@@ -64,7 +64,7 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
         active = [k for k in active if k != identity_inplace]
     for k in active:
         idx = groups[k]
-        part = paths[k](x.index_select(0, idx), *(None if e is None else e.index_select(0, idx) for e in extras))
+        part = paths[k](gather_rows(x, idx), *(None if e is None else e.index_select(0, idx) for e in extras))
         if weights is not None:
             part = part * _expand(weights.index_select(0, idx)[:, k], part)
         if out is None:  # in the layout the paths produce (channels_last for the integer engine)
@@ -73,6 +73,14 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
             out = torch.empty((n,) + part.shape[1:], dtype=part.dtype, device=part.device, memory_format=layout)
         out.index_copy_(0, idx, part)  # autograd records the in-place copy; no batch-sized temporaries
     return out
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[idx] along dim 0 in x's memory format (index_select turns a channels_last batch into
+    NCHW, a transposing copy)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x[idx]
+    return x.index_select(0, idx)
 
 
 def _expand(w: Tensor, like: Tensor) -> Tensor:

@@ -117,15 +117,23 @@ def activation_levels(x: Tensor, scale: Tensor, inv: Tensor, zp: Tensor, qmax: i
 
 
 def quant_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-                           groups: int, w_bits: int, a_bits: int, a_range=None) -> Tensor:
+                           groups: int, w_bits: int, a_bits: int, a_range=None, out_scale: Optional[Tensor] = None,
+                           relu: bool = False) -> Tensor:
     """Fake-quantise both operands in float64 (the levels and scales of pyeff.ops.fake_quant) and
     run a float64 convolution; the result in x's dtype, channels_last. `a_range` = (lo, hi): the
-    activation quantiser's range instead of the input's min-max (values outside saturate)."""
+    activation quantiser's range instead of the input's min-max (values outside saturate).
+    `out_scale` [K] multiplies each output channel before the bias is added; `relu` clamps at 0."""
     scale, inv, zp, qmax = activation_params(x, a_bits, None if a_range is None else fixed_range(a_range))
     xd = (activation_levels(x, scale, inv, zp, qmax).double() - zp.double()) * scale.double()
     wq, wscale = weight_levels(weight, w_bits)
     wd = wq.double() * wscale.double().view(-1, 1, 1, 1)
-    out = F.conv2d(xd, wd, None if bias is None else bias.double(), stride, padding, dilation, groups)
+    out = F.conv2d(xd, wd, None, stride, padding, dilation, groups)
+    if out_scale is not None:
+        out = out * out_scale.double().view(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.double().view(1, -1, 1, 1)
+    if relu:
+        out = out.clamp_min(0)
     return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
@@ -282,7 +290,8 @@ def _cpu_path(x: Tensor, a_bits: int, w_bits: int, kd: int, l1max: int, qmax: in
     return "gemm"
 
 
-def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range=None):
+def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range=None, out_scale=None,
+                relu=False):
     dev = x.device
     ops = torch.ops.pyeff
     N, C = x.shape[:2]
@@ -302,14 +311,18 @@ def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
     path = _cpu_path(x, a_bits, w_bits, kd, l1max, qmax, zp) if dev.type == "cpu" else "gemm"
     digits = ops.quant_conv_quantize(x, inv, zp_t, qmax, S_a)
     out_dtype = x.dtype
+    if out_scale is not None:  # a per-channel factor rides on the weight scales of the epilogue
+        wscale = wscale * out_scale.to(wscale)
     if path == "direct":
         packed, wscale32 = _prepared(weight, ("onednn", w_bits, groups) + conv, lambda: (
             torch.ops.onednn.qconv_prepack(stack, wscale.float(), 1.0, 0, list(stride), list(padding),
                                            list(dilation), groups, None), wscale.float().contiguous()))
+        if out_scale is not None:
+            wscale32 = wscale.float()
         out = torch.ops.onednn.qconv2d_pointwise(
             digits[0], float(scale), zp, packed, wscale32, torch.zeros(K, dtype=torch.int64),
             None if bias is None else bias.float(), list(stride), list(padding), list(dilation), groups,
-            1.0, 0, torch.float32, "none", [], "")
+            1.0, 0, torch.float32, "relu" if relu else "none", [], "")
         out = out.contiguous(memory_format=torch.channels_last)
         return out if out_dtype == torch.float32 else out.to(out_dtype)
     cols = stack.shape[0] // groups
@@ -349,10 +362,12 @@ def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
         corr = torch.tensor([128 - z for z in zdig], dtype=torch.float64, device=dev).view(-1, 1) \
             * colsum.to(dev, torch.float64).view(1, -1)
     rowsum = window_sums(digits, zdig, groups, (KH, KW), stride, padding, dilation) if offset else None
-    return ops.quant_conv_epilogue(acc, corr, S_w, rowsum, float(scale), wscale, bias, [N, K, OH, OW], out_dtype)
+    out = ops.quant_conv_epilogue(acc, corr, S_w, rowsum, float(scale), wscale, bias, [N, K, OH, OW], out_dtype)
+    return out.relu_() if relu else out
 
 
-def _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range=None):
+def _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range=None, out_scale=None,
+                relu=False):
     from pyeff.kernels import quant_conv as tk
 
     N = x.shape[0]
@@ -382,7 +397,10 @@ def _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
         digits = torch.stack([(q >> (8 * j)) & 255 for j in range(S_a)]).to(torch.uint8)
         digits = torch.stack([d.contiguous(memory_format=torch.channels_last) for d in digits])
         rowsum = window_sums(digits, zdig, groups, (KH, KW), stride, padding, dilation)
-    return tk.epilogue(acc, corr, S_w, rowsum, float(scale), wscale, bias, (N, K, OH, OW), x.dtype)
+    if out_scale is not None:
+        wscale = wscale * out_scale.to(wscale)
+    out = tk.epilogue(acc, corr, S_w, rowsum, float(scale), wscale, bias, (N, K, OH, OW), x.dtype)
+    return out.relu_() if relu else out
 
 
 def _triton_minmax():
@@ -391,15 +409,13 @@ def _triton_minmax():
     return fq.minmax
 
 
-def _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range=None):
+def _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range=None, out_scale=None,
+         relu=False):
     if x.shape[0] == 0:
         OH, OW = _out_hw(x, weight, stride, padding, dilation)
         return x.new_empty((0, weight.shape[0], OH, OW)).contiguous(memory_format=torch.channels_last)
-    if backend == "reference":
-        return quant_conv2d_reference(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range)
-    if backend == "native":
-        return _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range)
-    return _run_triton(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range)
+    run = {"reference": quant_conv2d_reference, "native": _run_native, "triton": _run_triton}[backend]
+    return run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range, out_scale, relu)
 
 
 def _resolve(device: torch.device, backend: str) -> str:
@@ -415,20 +431,22 @@ def _resolve(device: torch.device, backend: str) -> str:
 @torch.library.custom_op("pyeff::quant_conv2d", mutates_args=())
 def _quant_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                      dilation: List[int], groups: int, w_bits: int, a_bits: int, backend: str,
-                     a_range: Optional[List[float]] = None) -> Tensor:
+                     a_range: Optional[List[float]] = None, out_scale: Optional[Tensor] = None,
+                     relu: bool = False) -> Tensor:
     return _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, _resolve(x.device, backend),
-                a_range)
+                a_range, out_scale, relu)
 
 
 @_quant_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range=None):
+def _(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range=None, out_scale=None,
+      relu=False):
     OH, OW = _out_hw(x, weight, stride, padding, dilation)
     return x.new_empty((x.shape[0], weight.shape[0], OH, OW)).contiguous(memory_format=torch.channels_last)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend, a_range, out_scale, relu = inputs
+    ctx.save_for_backward(x, weight, out_scale, output if relu else None)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.bits = (w_bits, a_bits)
     ctx.a_range = a_range
@@ -436,23 +454,32 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    # straight-through: the gradients of F.conv2d on the fake-quantised operands
-    x, weight = ctx.saved_tensors
+    # straight-through: the gradients of F.conv2d on the fake-quantised operands, then of the
+    # per-channel scale, the bias and the ReLU applied to its output
+    x, weight, out_scale, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     w_bits, a_bits = ctx.bits
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if not need_w:
+    need_s = out_scale is not None and ctx.needs_input_grad[11]
+    grad = grad.to(x.dtype)
+    if out is not None:  # relu
+        grad = grad * (out > 0).to(grad.dtype)
+    if not (need_w or need_s):
         xq = x
     elif ctx.a_range is None:
         xq = fake_quant(x.detach(), a_bits)
     else:  # the fixed range's levels (values outside saturate)
         scale, inv, zp, qmax = activation_params(x, a_bits, fixed_range(ctx.a_range))
         xq = ((activation_levels(x.detach(), scale, inv, zp, qmax) - zp) * scale).to(x.dtype)
-    wq = fake_quant(weight.detach(), w_bits, scheme="sym", axis=0) if need_x else weight
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad.to(x.dtype), xq, wq, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
-        False, [0, 0], groups, [need_x, need_w, need_b and ctx.has_bias])
-    return gx, gw, gb, None, None, None, None, None, None, None, None
+    wq = fake_quant(weight.detach(), w_bits, scheme="sym", axis=0) if (need_x or need_s) else weight
+    g_conv = grad if out_scale is None else grad * out_scale.to(grad.dtype).view(1, -1, 1, 1)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        g_conv, xq, wq, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False])
+    gb = grad.sum((0, 2, 3)) if need_b and ctx.has_bias else None
+    gs = None
+    if need_s:
+        gs = (grad * F.conv2d(xq, wq, None, stride, padding, dilation, groups)).sum((0, 2, 3)).to(out_scale.dtype)
+    return gx, gw, gb, None, None, None, None, None, None, None, None, gs, None
 
 
 _quant_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -505,7 +532,7 @@ def _check_bits(op: str, w_bits, a_bits):
 
 def quant_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                  groups: int = 1, *, w_bits: int = 8, a_bits: int = 8, a_range=None,
-                 backend: Optional[str] = None) -> Tensor:
+                 out_scale: Optional[Tensor] = None, relu: bool = False, backend: Optional[str] = None) -> Tensor:
     """2-D convolution computed in integers: F.conv2d's arguments, with the activations quantised to
     `a_bits` (asymmetric, per tensor, min-max of this call's input, or `a_range`) and the weights to `w_bits`
     (symmetric, per output channel); int8 GEMMs with int32 accumulation (widths above 8 bits as
@@ -522,6 +549,10 @@ def quant_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
             range, widened to hold 0 as the min-max range is, instead of the call's min-max; values
             outside the widened range saturate, exactly as if x were clipped to it first. A running
             range (DFS) saves the min-max pass and makes a sample's output independent of its batch.
+        out_scale: None or [K], same dtype and device as x: each output channel is multiplied by it
+            before the bias is added, in the dequantising epilogue. With relu=True the output is
+            clamped at 0 there too. Together they fold an inference BatchNorm and ReLU into the conv:
+            out_scale = gamma / sqrt(var + eps), bias = beta + (conv_bias - mean) * out_scale.
         backend: "auto", "native", "triton" or "reference" (see pyeff.ops._backend).
 
     Returns [N, K, OH, OW] in x's dtype, channels_last memory format. Equal to
@@ -574,8 +605,21 @@ def quant_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
             raise ValueError(f"pyeff.ops.{op}: a_range must be finite with lo <= hi, got {(lo, hi)}")
         a_range = [lo, hi]
-    return _quant_conv2d_op(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend or "auto",
-                            a_range)
+    if out_scale is not None:
+        check_tensor(op, "out_scale", out_scale, dim=1)
+        if out_scale.dtype != x.dtype or out_scale.shape[0] != K:
+            raise ValueError(f"pyeff.ops.{op}: out_scale must be [{K}] of dtype {x.dtype}, got "
+                             f"{tuple(out_scale.shape)} of {out_scale.dtype}")
+        check_same_device(op, x=x, out_scale=out_scale)
+    relu = bool(relu)
+    backend = backend or "auto"
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, out_scale))) \
+            and not torch.compiler.is_compiling():
+        # nothing to record: the kernels directly (the custom op's dispatch costs ~0.1 ms a call)
+        return _run(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, _resolve(x.device, backend),
+                    a_range, out_scale, relu)
+    return _quant_conv2d_op(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, backend,
+                            a_range, out_scale, relu)
 
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, w_bits: int = 8, a_bits: int = 8,
