@@ -103,6 +103,28 @@ def _bn_relu(y: Tensor, bn, relu: bool) -> Tensor:
     return relu_(y) if relu else y
 
 
+def folded_conv(i: int, m: nn.Conv2d, x: Tensor, bn=None, relu: bool = False) -> Tensor:
+    """The conv runner at full precision: an eval BN folded into the conv, ReLU in place."""
+    if bn is not None and bn_foldable(bn):
+        w, b = fold_bn(m, bn)
+        return _bn_relu(F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups), None, relu)
+    return _bn_relu(m(x), bn, relu)
+
+
+def run_full(block: nn.Module, x: Tensor, kind) -> Tensor:
+    """A supported residual block at full precision with `folded_conv` (kind: block_kind(block))."""
+    residual, shortcut, post, _ = kind
+    return post(residual(block, x, folded_conv), shortcut(block, x))
+
+
+def _pyeff_shortcut(b, x):
+    return b.shortcut(x)
+
+
+def _tv_shortcut(b, x):
+    return x if b.downsample is None else b.downsample(x)
+
+
 def _add(r, s):
     return r + s
 
@@ -113,18 +135,17 @@ def block_kind(block: nn.Module):
     from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
 
     if isinstance(block, BasicBlock):
-        return _basic_residual, (lambda b, x: b.shortcut(x)), add_relu_, 2
+        return _basic_residual, _pyeff_shortcut, add_relu_, 2
     if isinstance(block, PreActBlock):
-        return _preact_residual, (lambda b, x: b.shortcut(x)), _add, 2
+        return _preact_residual, _pyeff_shortcut, _add, 2
     try:
         from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
     except ImportError:  # torchvision is optional
         return None
-    tv_short = (lambda b, x: x if b.downsample is None else b.downsample(x))
     if isinstance(block, TVBasic):
-        return _basic_residual, tv_short, add_relu_, 2
+        return _basic_residual, _tv_shortcut, add_relu_, 2
     if isinstance(block, TVBottleneck):
-        return _bottleneck_residual, tv_short, add_relu_, 3
+        return _bottleneck_residual, _tv_shortcut, add_relu_, 3
     return None
 
 
@@ -229,10 +250,7 @@ class DFSBlock(nn.Module):
             if bits == FULL:
                 if observe:
                     self._observe(i, x, momentum)
-                if bn is not None and bn_foldable(bn):
-                    w, b = fold_bn(m, bn)
-                    return _bn_relu(F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups), None, relu)
-                return _bn_relu(m(x), bn, relu)
+                return folded_conv(i, m, x, bn, relu)
             if impl == "engine":
                 if observe:
                     self._observe(i, x, momentum)

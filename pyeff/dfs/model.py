@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from pyeff.dfs.block import FULL, DFSBlock, _Controller, block_kind, check_bits
+from pyeff.dfs.block import FULL, DFSBlock, _Controller, block_kind, check_bits, run_full
 from pyeff.dynamic import RecurrentGate, choice_costs
-from pyeff.dynamic.modules import find_blocks, replace_submodule, swapped
+from pyeff.dynamic.modules import FusedInference, find_blocks, fused_sequential, replace_submodule, swapped
 
 PAPER_BITS = (0, 8, 10, 12, 14, 16, 32)
 HW_BITS = (0, 4, 8, 16, 32)
@@ -64,6 +65,12 @@ class DFSNet(nn.Module):
             replace_submodule(model, name, d)
             wrapped.append(d)
         self.block_names = [n for n, _ in found[1:]]
+        # the ungated start (the stem, the first block) runs with BN folded and ReLU in place at
+        # inference too, as the gated blocks do
+        first = found[0][1]
+        first.forward = FusedInference(first, functools.partial(run_full, kind=block_kind(first)))
+        if isinstance(getattr(model, "stem", None), nn.Sequential):
+            model.stem.forward = FusedInference(model.stem, fused_sequential)
         if gate_bias is None:  # start at full execution (the last choice is the widest)
             gate_bias = [0.0] * (len(self.bits) - 1) + [2.0]
         self.gate = RecurrentGate([d.in_channels for d in wrapped], len(self.bits), embed_dim, hidden_dim,

@@ -114,3 +114,39 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         scale, shift = bn_affine(bn, conv.bias)
         return conv.weight * scale.view(-1, 1, 1, 1), shift
     return _cached(conv, "_pyeff_folded", tensors, (bn.eps,), build)
+
+
+class FusedInference:
+    """Set as a module's `forward` (an instance attribute: parameters, state_dict and the class are
+    unchanged): at inference without autograd it runs `fused(module, x)` (BN folded, ReLU in
+    place), otherwise the class's own forward. Picklable and deep-copyable with its module."""
+
+    def __init__(self, module: nn.Module, fused: Callable[[nn.Module, Tensor], Tensor]):
+        self.module, self.fused = module, fused
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.module
+        if m.training or torch.is_grad_enabled():
+            return type(m).forward(m, x)
+        return self.fused(m, x)
+
+
+def fused_sequential(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """An nn.Sequential at inference with each Conv2d -> eval BatchNorm2d pair run as one conv and
+    each ReLU in place on the fresh activation before it."""
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv2d) and nxt is not None and bn_foldable(nxt) and m.padding_mode == "zeros":
+            w, b = fold_bn(m, nxt)
+            x = F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+            i += 2
+        elif isinstance(m, nn.ReLU) and i > 0:
+            x = x.relu_()
+            i += 1
+        else:
+            x = m(x)
+            i += 1
+    return x

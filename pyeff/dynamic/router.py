@@ -68,19 +68,31 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
         if weights is not None:
             part = part * _expand(weights.index_select(0, idx)[:, k], part)
         if out is None:  # in the layout the paths produce (channels_last for the integer engine)
-            layout = (torch.channels_last if part.dim() == 4 and not part.is_contiguous()
-                      and part.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+            layout = torch.channels_last if _is_channels_last(part) else torch.contiguous_format
             out = torch.empty((n,) + part.shape[1:], dtype=part.dtype, device=part.device, memory_format=layout)
-        out.index_copy_(0, idx, part)  # autograd records the in-place copy; no batch-sized temporaries
+        scatter_rows_(out, idx, part)  # autograd records the in-place copy; no batch-sized temporaries
     return out
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x[idx] along dim 0 in x's memory format (index_select turns a channels_last batch into
-    NCHW, a transposing copy)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x[idx]
+    """x.index_select(0, idx) in x's memory format. A channels_last batch is gathered as its
+    contiguous NHWC view, one block copy per sample (index_select would return NCHW, a
+    transposing copy, and x[idx] is several times slower)."""
+    if _is_channels_last(x):
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return x.index_select(0, idx)
+
+
+def scatter_rows_(out: Tensor, idx: Tensor, part: Tensor) -> None:
+    """out.index_copy_(0, idx, part), as block copies when both are channels_last."""
+    if _is_channels_last(out) and _is_channels_last(part):
+        out.permute(0, 2, 3, 1).index_copy_(0, idx, part.permute(0, 2, 3, 1))
+    else:
+        out.index_copy_(0, idx, part)
 
 
 def _expand(w: Tensor, like: Tensor) -> Tensor:
