@@ -13,6 +13,10 @@ TORCH_LIBRARY_FRAGMENT(pyeff, m) {
   // digit j of q = clamp(floor(x * inv_scale + zero_point + 0.5), 0, qmax), computed exactly as
   // fake_quant_apply does (float32, float64 for float64 input).
   m.def("quant_conv_quantize(Tensor x, Tensor inv_scale, Tensor zero_point, int qmax, int slices) -> Tensor");
+  // the CPU front end: the range (a_range, or x's min-max), the parameters of the asymmetric
+  // quantiser (fake_quant's, bit for bit) and the digits, in one call. Returns (digits, float64
+  // [scale, inv_scale, zero_point, lo, hi]); digits are empty when the range is not finite.
+  m.def("quant_conv_quantize_auto(Tensor x, float[]? a_range, int qmax, int slices) -> (Tensor, Tensor)");
   // digits [S, N, C, H, W] (channels_last slices, from quant_conv_quantize) -> int8 columns
   // [G, S * M, k_pad] with M = N*OH*OW rows (n, oh, ow) and columns (kh, kw, c) of group g;
   // value u - 128, padding positions hold pad_digits[j] - 128, columns past C/G*kh*kw hold 0.

@@ -56,8 +56,9 @@ def test_native_cpu_matches_reference(shape, route, rng, monkeypatch):
 
 def test_cpu_routes_are_all_exercised(rng, monkeypatch):
     seen = []
-    orig = qc._cpu_path
-    monkeypatch.setattr(qc, "_cpu_path", lambda *a: seen.append(orig(*a)) or seen[-1])
+    orig_path, orig_direct = qc._cpu_path, qc._cpu_direct
+    monkeypatch.setattr(qc, "_cpu_path", lambda *a: seen.append(orig_path(*a)) or seen[-1])
+    monkeypatch.setattr(qc, "_cpu_direct", lambda *a: (orig_direct(*a) and not seen.append("direct")))
     x, w, b, kw = _case(SHAPES[3], rng)
     for wb, ab in ((8, 8), (16, 16)):
         torch.testing.assert_close(quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab), _ref(x, w, b, kw, wb, ab))
@@ -270,6 +271,36 @@ def test_opcheck_kernels(rng):
     corr = torch.randn(2, 12, dtype=torch.float64)
     torch.library.opcheck(torch.ops.pyeff.quant_conv_epilogue.default,
                           (acc, corr, 2, None, 0.5, torch.rand(6), torch.randn(6), [2, 6, 5, 6], torch.float32))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("a_bits", [8, 5, 12, 16])
+def test_cpu_front_end_matches_python_params_and_levels(a_bits, channels_last, rng):
+    # range, parameters and digits in one C++ call: bit for bit the Python quantiser's, on shapes
+    # that take the 16 x 16 transposing path (C a multiple of 16) and its remainders
+    if not _native_ok():
+        pytest.skip("pyeff._C lacks the quant_conv kernels")
+    ops = torch.ops.pyeff
+    S = qc.act_slices(a_bits)
+    qmax = (1 << a_bits) - 1
+    for C, H, W in [(16, 8, 8), (32, 9, 9), (48, 4, 5), (5, 7, 3), (17, 16, 16)]:
+        for dtype in (torch.float32, torch.float64):
+            x = (torch.randn(3, C, H, W, generator=rng, dtype=torch.float64) * 3 + 0.5).to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for a_range in (None, [-1.5, 2.25], [0.5, 3.0]):
+                digits, params = ops.quant_conv_quantize_auto(x, a_range, qmax, S)
+                mm = None if a_range is None else qc.fixed_range(a_range)
+                scale, inv, zp, _ = qc.activation_params(x, a_bits, mm)
+                assert params[:3].tolist() == [float(scale), float(inv), float(zp)]
+                q = qc.activation_levels(x, scale, inv, zp, qmax).to(torch.int64)
+                got = sum(digits[j].to(torch.int64) << (8 * j) for j in range(S))
+                assert torch.equal(got, q), (C, H, W, dtype, a_range)
+                assert digits[0].is_contiguous(memory_format=torch.channels_last)
+    bad = torch.randn(2, 16, 4, 4)
+    bad[1, 3, 2, 2] = float("inf")
+    digits, params = ops.quant_conv_quantize_auto(bad, None, 255, 1)
+    assert digits.numel() == 0 and not torch.isfinite(params[4])
 
 
 def test_torch_compile_fullgraph(rng):

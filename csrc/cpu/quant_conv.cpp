@@ -5,11 +5,18 @@
 // Built with -ffp-contract=off: the rounding matches fake_quant_apply bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <vector>
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
@@ -40,11 +47,80 @@ PYEFF_CLONES void levels_f32(const float* __restrict__ x, int32_t* __restrict__ 
 
 // rows of an NCHW image (channel stride `cstride`) at positions [p0, p0 + len) -> channels_last
 // digits: levels per channel into a small [C][kTile] tile, then a byte transpose per slice.
-constexpr int64_t kTile = 32;
+constexpr int64_t kTile = 64;
+
+template <typename T>
+inline void levels_u8(const T* __restrict__ x, uint8_t* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    T v = std::floor(x[i] * inv + zp + T(0.5));
+    v = std::min(std::max(v, T(0)), qmax);
+    q[i] = static_cast<uint8_t>(static_cast<int32_t>(v));
+  }
+}
+
+PYEFF_CLONES void levels_u8_f32(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
+                                float zp, float qmax) {
+  levels_u8<float>(x, q, n, inv, zp, qmax);
+}
+
+template <typename T>
+inline void levels_u8_fast(const T* x, uint8_t* q, int64_t n, T inv, T zp, T qmax) {
+  if constexpr (std::is_same_v<T, float>)
+    levels_u8_f32(x, q, n, inv, zp, qmax);
+  else
+    levels_u8<T>(x, q, n, inv, zp, qmax);
+}
+
+// after the four interleaving rounds below, register k holds the 16 channels of position
+// bit-reverse(k) (4 bits), in channel order
+constexpr int kPerm[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// dst[p * dstride + c] = src[c * sstride + p] for a rows x cols byte block
+inline void transpose_bytes(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t dstride, int64_t rows,
+                            int64_t cols) {
+  int64_t c0 = 0, p0 = 0;
+#if defined(__SSE2__)
+  // 16 x 16 blocks: four rounds of interleaving (bytes, words, dwords, qwords)
+  for (c0 = 0; c0 + 16 <= rows; c0 += 16) {
+    for (p0 = 0; p0 + 16 <= cols; p0 += 16) {
+      __m128i a[16], b[16];
+      for (int i = 0; i < 16; ++i)
+        a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c0 + i) * sstride + p0));
+      for (int i = 0; i < 8; ++i) {
+        b[i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+        b[i + 8] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+      }
+      for (int i = 0; i < 8; ++i) {
+        a[i] = _mm_unpacklo_epi16(b[2 * i], b[2 * i + 1]);
+        a[i + 8] = _mm_unpackhi_epi16(b[2 * i], b[2 * i + 1]);
+      }
+      for (int i = 0; i < 8; ++i) {
+        b[i] = _mm_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+        b[i + 8] = _mm_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+      }
+      for (int i = 0; i < 8; ++i) {
+        a[i] = _mm_unpacklo_epi64(b[2 * i], b[2 * i + 1]);
+        a[i + 8] = _mm_unpackhi_epi64(b[2 * i], b[2 * i + 1]);
+      }
+      for (int k = 0; k < 16; ++k)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (p0 + kPerm[k]) * dstride + c0), a[k]);
+    }
+    for (int64_t c = c0; c < c0 + 16; ++c)
+      for (int64_t p = p0; p < cols; ++p) dst[p * dstride + c] = src[c * sstride + p];
+  }
+#endif
+  for (int64_t c = c0; c < rows; ++c)
+    for (int64_t p = 0; p < cols; ++p) dst[p * dstride + c] = src[c * sstride + p];
+}
 
 template <typename T>
 void quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_t C, int64_t len, int slices,
-                        T inv, T zp, T qmax, int32_t* tile) {
+                        T inv, T zp, T qmax, int32_t* tile, uint8_t* bytes) {
+  if (slices == 1) {
+    for (int64_t c = 0; c < C; ++c) levels_u8_fast<T>(x + c * cstride, bytes + c * kTile, len, inv, zp, qmax);
+    transpose_bytes(bytes, kTile, out[0], C, C, len);
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     if constexpr (std::is_same_v<T, float>)
       levels_f32(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
@@ -52,13 +128,9 @@ void quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_
       levels<T>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
   }
   for (int s = 0; s < slices; ++s) {
-    uint8_t* o = out[s];
     const int shift = 8 * s;
-    for (int64_t p = 0; p < len; ++p) {
-      const int32_t* t = tile + p;
-      uint8_t* op = o + p * C;
-      for (int64_t c = 0; c < C; ++c) op[c] = static_cast<uint8_t>(t[c * kTile] >> shift);
-    }
+    for (int64_t i = 0; i < C * kTile; ++i) bytes[i] = static_cast<uint8_t>(tile[i] >> shift);
+    transpose_bytes(bytes, kTile, out[s], C, C, len);
   }
 }
 
@@ -81,14 +153,9 @@ void quantize_run_nhwc(const T* x, uint8_t* const* out, int64_t n, int slices, T
   }
 }
 
-at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& inv_scale, const at::Tensor& zero_point,
-                        int64_t qmax, int64_t slices) {
-  TORCH_CHECK(x_in.device().is_cpu(), "pyeff::quant_conv_quantize (CPU kernel): x must be on the CPU");
-  TORCH_CHECK(x_in.dim() == 4, "pyeff::quant_conv_quantize: x must be 4-D [N, C, H, W]");
-  TORCH_CHECK(slices >= 1 && slices <= 2 && qmax >= 1 && qmax < (int64_t{1} << (8 * slices)),
-              "pyeff::quant_conv_quantize: qmax ", qmax, " does not fit ", slices, " byte slice(s)");
-  const bool is_double = x_in.scalar_type() == at::kDouble;
-  const auto compute = is_double ? at::kDouble : at::kFloat;
+// x (float, 4-D) -> digits [S, N, C, H, W] with channels_last slices, for given inv_scale / zp
+at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, int64_t qmax, int64_t slices) {
+  const auto compute = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool cl = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
   at::Tensor x = x_in.to(compute).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
@@ -96,8 +163,6 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& inv_scale, con
   if (x.numel() == 0) return out;
   uint8_t* base = out.data_ptr<uint8_t>();
   const int64_t per_slice = N * C * HW;
-  const double inv_d = inv_scale.to(at::kCPU, at::kDouble).item<double>();
-  const double zp_d = zero_point.to(at::kCPU, at::kDouble).item<double>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "quant_conv_quantize", [&] {
     const scalar_t inv = static_cast<scalar_t>(inv_d), zp = static_cast<scalar_t>(zp_d);
     const scalar_t qm = static_cast<scalar_t>(qmax);
@@ -105,23 +170,96 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& inv_scale, con
     if (cl) {
       const int64_t total = N * HW * C;
       at::parallel_for(0, total, 1 << 14, [&](int64_t b, int64_t e) {
+        if (slices == 1) {
+          levels_u8_fast<scalar_t>(px + b, base + b, e - b, inv, zp, qm);
+          return;
+        }
         uint8_t* o[2] = {base + b, base + per_slice + b};
         quantize_run_nhwc<scalar_t>(px + b, o, e - b, int(slices), inv, zp, qm);
       });
     } else {
       // parallel over (image, tile of positions)
       const int64_t tiles = (HW + kTile - 1) / kTile;
-      at::parallel_for(0, N * tiles, std::max<int64_t>(1, 2048 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-        std::vector<int32_t> tile(static_cast<size_t>(C) * kTile);
+      at::parallel_for(0, N * tiles, std::max<int64_t>(1, 256 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+        std::vector<int32_t> tile(slices > 1 ? static_cast<size_t>(C) * kTile : 0);
+        std::vector<uint8_t> bytes(static_cast<size_t>(C) * kTile);
         for (int64_t it = b; it < e; ++it) {
           const int64_t n = it / tiles, p0 = (it % tiles) * kTile, len = std::min<int64_t>(kTile, HW - p0);
           uint8_t* o[2] = {base + (n * HW + p0) * C, base + per_slice + (n * HW + p0) * C};
-          quantize_tile_nchw<scalar_t>(px + n * C * HW + p0, HW, o, C, len, int(slices), inv, zp, qm, tile.data());
+          quantize_tile_nchw<scalar_t>(px + n * C * HW + p0, HW, o, C, len, int(slices), inv, zp, qm, tile.data(),
+                                       bytes.data());
         }
       });
     }
   });
   return out;
+}
+
+void check_quantize_args(const at::Tensor& x, int64_t qmax, int64_t slices, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), "pyeff::", op, " (CPU kernel): x must be on the CPU");
+  TORCH_CHECK(x.dim() == 4, "pyeff::", op, ": x must be 4-D [N, C, H, W]");
+  TORCH_CHECK(slices >= 1 && slices <= 2 && qmax >= 1 && qmax < (int64_t{1} << (8 * slices)),
+              "pyeff::", op, ": qmax ", qmax, " does not fit ", slices, " byte slice(s)");
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& inv_scale, const at::Tensor& zero_point,
+                        int64_t qmax, int64_t slices) {
+  check_quantize_args(x_in, qmax, slices, "quant_conv_quantize");
+  return quantize_digits(x_in, inv_scale.to(at::kCPU, at::kDouble).item<double>(),
+                         zero_point.to(at::kCPU, at::kDouble).item<double>(), qmax, slices);
+}
+
+// the per-tensor asymmetric parameters of pyeff.ops.fake_quant.quant_params, in the same dtype
+// and operation order (so bit-identical): range widened to hold 0, scale = (hi - lo) / qmax (1
+// for an empty range, at least the smallest normal), zero point round-half-even(-lo / scale)
+template <typename T>
+void asym_params(T lo, T hi, int64_t qmax, double* scale, double* inv, double* zp) {
+  lo = std::min(lo, T(0));
+  hi = std::max(hi, T(0));
+  T s = (hi - lo) / static_cast<T>(qmax);
+  s = s == T(0) ? T(1) : std::max(s, std::numeric_limits<T>::min());
+  const T iv = T(1) / s;
+  const T z = std::min(std::max(std::nearbyint(-lo / s), T(0)), static_cast<T>(qmax));
+  *scale = static_cast<double>(s);
+  *inv = static_cast<double>(iv);
+  *zp = static_cast<double>(z);
+}
+
+// range (given, or the min-max of x), parameters and digits in one call: the CPU front end of
+// quant_conv2d. Returns (digits, float64 [scale, inv_scale, zero_point, lo, hi]); digits are empty
+// when the range is not finite (the caller raises).
+std::tuple<at::Tensor, at::Tensor> quantize_auto_cpu(const at::Tensor& x_in, std::optional<at::ArrayRef<double>> a_range,
+                                                     int64_t qmax, int64_t slices) {
+  check_quantize_args(x_in, qmax, slices, "quant_conv_quantize_auto");
+  const auto compute = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor x = x_in.scalar_type() == compute ? x_in : x_in.to(compute);
+  double lo, hi;
+  if (a_range.has_value()) {
+    TORCH_CHECK(a_range->size() == 2, "pyeff::quant_conv_quantize_auto: a_range must hold (lo, hi)");
+    lo = (*a_range)[0];
+    hi = (*a_range)[1];
+  } else {
+    TORCH_CHECK(x.numel() > 0, "pyeff::quant_conv_quantize_auto: x is empty");
+    static auto minmax = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyeff::fake_quant_minmax", "")
+                             .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+    at::Tensor mm = minmax.call(x, std::nullopt).to(at::kDouble);
+    lo = mm.data_ptr<double>()[0];
+    hi = mm.data_ptr<double>()[1];
+  }
+  at::Tensor params = at::empty({5}, x.options().dtype(at::kDouble));
+  double* p = params.data_ptr<double>();
+  p[3] = lo;
+  p[4] = hi;
+  if (!std::isfinite(lo) || !std::isfinite(hi)) {
+    p[0] = p[1] = p[2] = std::numeric_limits<double>::quiet_NaN();
+    return {at::empty({0}, x.options().dtype(at::kByte)), params};
+  }
+  if (compute == at::kDouble)
+    asym_params<double>(lo, hi, qmax, p, p + 1, p + 2);
+  else
+    asym_params<float>(static_cast<float>(lo), static_cast<float>(hi), qmax, p, p + 1, p + 2);
+  return {quantize_digits(x, p[1], p[2], qmax, slices), params};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,6 +425,7 @@ at::Tensor epilogue_cpu(at::TensorList acc_in, const at::Tensor& corr_in, int64_
 
 TORCH_LIBRARY_IMPL(pyeff, CPU, m) {
   m.impl("quant_conv_quantize", &quantize_cpu);
+  m.impl("quant_conv_quantize_auto", &quantize_auto_cpu);
   m.impl("quant_conv_im2col", &im2col_cpu);
   m.impl("quant_conv_epilogue", &epilogue_cpu);
 }

@@ -63,7 +63,7 @@ PREFERENCE = {"cpu": ("native",), "cuda": ("native", "triton")}
 CPU_PATH_ENV = "PYEFF_QUANT_CONV_CPU_PATH"
 _EXACT_F32 = 1 << 24  # integers below this are exact in float32
 _MAX_KD = 1 << 17  # per-group reduction length that keeps every int8 x int8 slice GEMM in int32
-_OPS = ("quant_conv_quantize", "quant_conv_im2col", "quant_conv_epilogue")
+_OPS = ("quant_conv_quantize", "quant_conv_quantize_auto", "quant_conv_im2col", "quant_conv_epilogue")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +239,7 @@ def cpu_has_int8_dot() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_available() -> bool:
     return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise") \
         and torch.backends.mkldnn.is_available()
@@ -275,14 +276,23 @@ def _gemm_weights(stack: Tensor, groups: int, k_pad: int, col_pad: int):
     return [m.contiguous() for m in mats], colsum
 
 
-def _cpu_path(x: Tensor, a_bits: int, w_bits: int, kd: int, l1max: int, qmax: int, zp: int) -> str:
+def _cpu_onednn_allowed() -> bool:
     forced = os.environ.get(CPU_PATH_ENV, "auto").lower()
     if forced not in ("auto", "onednn", "gemm"):
         raise ValueError(f"pyeff.ops.quant_conv2d: {CPU_PATH_ENV} must be auto, onednn or gemm, got {forced!r}")
-    if forced == "gemm" or not (cpu_has_int8_dot() and _onednn_available()):
-        return "gemm"
-    if a_bits <= 8 and w_bits <= 8 and x.dtype != torch.float64:
+    return forced != "gemm" and cpu_has_int8_dot() and _onednn_available()
+
+
+def _cpu_direct(x: Tensor, a_bits: int, w_bits: int) -> bool:
+    """One oneDNN int8 convolution with the dequantisation fused (<= 8 bits, float32 output)."""
+    return a_bits <= 8 and w_bits <= 8 and x.dtype != torch.float64 and _cpu_onednn_allowed()
+
+
+def _cpu_path(x: Tensor, a_bits: int, w_bits: int, kd: int, l1max: int, qmax: int, zp: int) -> str:
+    if _cpu_direct(x, a_bits, w_bits):
         return "direct"
+    if not _cpu_onednn_allowed():
+        return "gemm"
     # slices through oneDNN: every slice accumulator must be exact in its float32 output
     amax = max(max(z, digit_max(qmax, j) - z) for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
     if amax * l1max < _EXACT_F32:
@@ -301,30 +311,44 @@ def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
     if kd > _MAX_KD:
         raise ValueError(f"pyeff.ops.quant_conv2d: C/groups * kh * kw = {kd} exceeds {_MAX_KD}, where int32 "
                          "accumulation of int8 slices could overflow; use backend='reference'")
-    scale, inv, zp_t, qmax = activation_params(
-        x, a_bits, ops.fake_quant_minmax if a_range is None else fixed_range(a_range))
-    zp = int(zp_t.item())
     S_a = act_slices(a_bits)
+    if dev.type == "cpu":  # range, parameters and digits in one C++ call
+        qmax = (1 << a_bits) - 1
+        digits, params = ops.quant_conv_quantize_auto(x, a_range, qmax, S_a)
+        scale, _, zp, lo, hi = params.tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("pyeff.ops.quant_conv2d: x contains NaN or infinity; quantisation needs finite values")
+        zp = int(zp)
+    else:
+        scale, inv, zp_t, qmax = activation_params(
+            x, a_bits, ops.fake_quant_minmax if a_range is None else fixed_range(a_range))
+        zp = int(zp_t.item())
+        digits = ops.quant_conv_quantize(x, inv, zp_t, qmax, S_a)
     conv = (tuple(stride), tuple(padding), tuple(dilation))
-    stack, wscale, S_w, offset, l1max = _prepared(weight, ("digits", w_bits, groups),
-                                               lambda: _weight_pack(weight, w_bits, groups))
-    path = _cpu_path(x, a_bits, w_bits, kd, l1max, qmax, zp) if dev.type == "cpu" else "gemm"
-    digits = ops.quant_conv_quantize(x, inv, zp_t, qmax, S_a)
     out_dtype = x.dtype
-    if out_scale is not None:  # a per-channel factor rides on the weight scales of the epilogue
-        wscale = wscale * out_scale.to(wscale)
-    if path == "direct":
-        packed, wscale32 = _prepared(weight, ("onednn", w_bits, groups) + conv, lambda: (
-            torch.ops.onednn.qconv_prepack(stack, wscale.float(), 1.0, 0, list(stride), list(padding),
-                                           list(dilation), groups, None), wscale.float().contiguous()))
-        if out_scale is not None:
-            wscale32 = wscale.float()
+    digit_pack = lambda: _prepared(weight, ("digits", w_bits, groups),  # noqa: E731
+                                   lambda: _weight_pack(weight, w_bits, groups))
+    if dev.type == "cpu" and _cpu_direct(x, a_bits, w_bits):
+        # one lookup per call: the prepacked weight, its float32 scales, zero points, conv args
+        def plan():
+            stack, wscale = digit_pack()[:2]
+            w32 = wscale.float().contiguous()
+            packed = torch.ops.onednn.qconv_prepack(stack, w32, 1.0, 0, list(stride), list(padding),
+                                                    list(dilation), groups, None)
+            return packed, wscale, w32, torch.zeros(K, dtype=torch.int64), (list(stride), list(padding),
+                                                                            list(dilation))
+        packed, wscale, w32, zeros, args = _prepared(weight, ("onednn", w_bits, groups) + conv, plan)
+        if out_scale is not None:  # a per-channel factor rides on the weight scales
+            w32 = (wscale * out_scale.to(wscale)).float()
         out = torch.ops.onednn.qconv2d_pointwise(
-            digits[0], float(scale), zp, packed, wscale32, torch.zeros(K, dtype=torch.int64),
-            None if bias is None else bias.float(), list(stride), list(padding), list(dilation), groups,
+            digits[0], scale, zp, packed, w32, zeros, None if bias is None else bias.float(), *args, groups,
             1.0, 0, torch.float32, "relu" if relu else "none", [], "")
         out = out.contiguous(memory_format=torch.channels_last)
         return out if out_dtype == torch.float32 else out.to(out_dtype)
+    stack, wscale, S_w, offset, l1max = digit_pack()
+    if out_scale is not None:  # a per-channel factor rides on the weight scales of the epilogue
+        wscale = wscale * out_scale.to(wscale)
+    path = _cpu_path(x, a_bits, w_bits, kd, l1max, qmax, zp) if dev.type == "cpu" else "gemm"
     cols = stack.shape[0] // groups
     M = N * OH * OW
     zdig = zero_point_digits(zp, S_a)
@@ -491,6 +515,12 @@ def _register_kernel_fakes():
         N, C, H, W = x.shape
         return x.new_empty((slices, N, H, W, C), dtype=torch.uint8).permute(0, 1, 4, 2, 3)
 
+    @torch.library.register_fake("pyeff::quant_conv_quantize_auto")
+    def _(x, a_range, qmax, slices):
+        N, C, H, W = x.shape
+        digits = x.new_empty((slices, N, H, W, C), dtype=torch.uint8).permute(0, 1, 4, 2, 3)
+        return digits, x.new_empty((5,), dtype=torch.float64)
+
     @torch.library.register_fake("pyeff::quant_conv_im2col")
     def _(digits, pad_digits, kernel, stride, padding, dilation, groups, k_pad):
         S, N, C, H, W = digits.shape
@@ -513,6 +543,12 @@ if native_ops_built():
 
 
 def _pair(op: str, name: str, v, lo: int):
+    # fast path for plain ints (the isinstance checks against numbers.Integral cost ~15 us a call)
+    if type(v) is int and v >= lo:
+        return [v, v]
+    if type(v) in (tuple, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int \
+            and v[0] >= lo and v[1] >= lo:
+        return [v[0], v[1]]
     if isinstance(v, str):
         raise ValueError(f"pyeff.ops.{op}: {name}={v!r} is not supported; give integers")
     vals = (v, v) if not isinstance(v, (tuple, list)) else tuple(v)
