@@ -58,11 +58,17 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
         x = torch.randn(N, C, H, H, device=device)
         w = torch.randn(K, C, 3, 3, device=device) * 0.1
         b = torch.randn(K, device=device)
-        t_fp32 = harness.median_seconds(lambda: F.conv2d(x, w, b, padding=1), device)
-        t_int8 = harness.median_seconds(torch_int8_pipeline(x, w, b), device) if device == "cpu" else float("nan")
-        t_8 = harness.median_seconds(lambda: quant_conv2d(x, w, b, padding=1, w_bits=8, a_bits=8), device)
-        t_16 = harness.median_seconds(lambda: quant_conv2d(x, w, b, padding=1, w_bits=16, a_bits=16), device)
-        t_4 = harness.median_seconds(lambda: quant_conv2d(x, w, b, padding=1, w_bits=4, a_bits=4), device)
+        fns = {"fp32": lambda: F.conv2d(x, w, b, padding=1),
+               "8": lambda: quant_conv2d(x, w, b, padding=1, w_bits=8, a_bits=8),
+               "16": lambda: quant_conv2d(x, w, b, padding=1, w_bits=16, a_bits=16),
+               "4": lambda: quant_conv2d(x, w, b, padding=1, w_bits=4, a_bits=4)}
+        if device == "cpu":  # round-robin, so that load from other processes hits every variant alike
+            fns["int8"] = torch_int8_pipeline(x, w, b)
+            t = harness.interleaved_medians(fns, rounds=10 if quick else 40)
+        else:
+            t = {k: harness.median_seconds(f, device) for k, f in fns.items()}
+            t["int8"] = float("nan")
+        t_fp32, t_int8, t_8, t_16, t_4 = t["fp32"], t["int8"], t["8"], t["16"], t["4"]
         gops = 2 * N * K * C * 9 * H * H / 1e9
         rows.append({
             "shape": f"{name} (N={N}, C=K={C}, {H}x{H})", "fp32 ms": t_fp32 * 1e3,

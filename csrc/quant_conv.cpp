@@ -23,6 +23,11 @@ TORCH_LIBRARY_FRAGMENT(pyeff, m) {
   m.def(
       "quant_conv_im2col(Tensor digits, int[] pad_digits, int[] kernel, int[] stride, int[] padding, "
       "int[] dilation, int groups, int k_pad) -> Tensor");
+  // digits [S, N, C, H, W] -> float64 [N*OH*OW, G]: per output position and group, the sum over
+  // its window of (q - zp) = sum_j 256^j (u_j - zero_digits[j]); padding counts 0 (CPU only)
+  m.def(
+      "quant_conv_window_sums(Tensor digits, int[] zero_digits, int groups, int[] kernel, int[] stride, "
+      "int[] padding, int[] dilation) -> Tensor");
   // out[n, g*Kg + k, oh, ow] (channels_last, dtype out_dtype) =
   //   v * a_scale * w_scale[k] + bias[k], with the exact integer
   //   v = sum_j sum_l 256^(j+l) T_j[m, l*Kg + k] + 128 * rowsum[m, g],

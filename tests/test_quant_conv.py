@@ -267,6 +267,8 @@ def test_opcheck_kernels(rng):
     torch.library.opcheck(torch.ops.pyeff.quant_conv_quantize.default, (x, inv, zp, 1023, 2))
     d = torch.ops.pyeff.quant_conv_quantize(x, inv, zp, 1023, 2)
     torch.library.opcheck(torch.ops.pyeff.quant_conv_im2col.default, (d, [3, 0], [3, 3], [1, 1], [1, 1], [1, 1], 2, 20))
+    torch.library.opcheck(torch.ops.pyeff.quant_conv_window_sums.default, (d, [3, 0], 2, [3, 3], [1, 1], [1, 1], [1, 1]))
+    torch.library.opcheck(torch.ops.pyeff.quant_conv_quantize_auto.default, (x, [-1.0, 2.0], 255, 1))
     acc = [torch.randint(-99, 99, (2 * 5 * 6, 6), dtype=torch.int32, generator=rng) for _ in range(4)]
     corr = torch.randn(2, 12, dtype=torch.float64)
     torch.library.opcheck(torch.ops.pyeff.quant_conv_epilogue.default,
@@ -301,6 +303,19 @@ def test_cpu_front_end_matches_python_params_and_levels(a_bits, channels_last, r
     bad[1, 3, 2, 2] = float("inf")
     digits, params = ops.quant_conv_quantize_auto(bad, None, 255, 1)
     assert digits.numel() == 0 and not torch.isfinite(params[4])
+
+
+def test_cpu_window_sums_match_python(rng):
+    # the 16-bit weight offset's window sums, C++ against the plain PyTorch version
+    if not _native_ok():
+        pytest.skip("pyeff._C lacks the quant_conv kernels")
+    for S, C, G, k, st, p, d in [(2, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1)), (1, 8, 1, (3, 2), (2, 1), (2, 0), (1, 2)),
+                                 (2, 16, 2, (1, 1), (1, 1), (0, 0), (1, 1))]:
+        digits = torch.randint(0, 256, (S, 3, C, 9, 7), dtype=torch.uint8, generator=rng)
+        digits = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in digits])
+        zdig = torch.randint(0, 256, (S,), generator=rng).tolist()
+        got = torch.ops.pyeff.quant_conv_window_sums(digits, zdig, G, list(k), list(st), list(p), list(d))
+        torch.testing.assert_close(got, qc.window_sums(digits, zdig, G, k, st, p, d), rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph(rng):

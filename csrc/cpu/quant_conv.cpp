@@ -312,48 +312,142 @@ at::Tensor im2col_cpu(const at::Tensor& digits, at::IntArrayRef pad_digits, at::
 }
 
 // ---------------------------------------------------------------------------------------------
+// window sums of the activation levels (for the 16-bit weight offset)
+
+at::Tensor window_sums_cpu(const at::Tensor& digits_in, at::IntArrayRef zdig, int64_t groups, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(digits_in.device().is_cpu() && digits_in.scalar_type() == at::kByte && digits_in.dim() == 5,
+              "pyeff::quant_conv_window_sums (CPU kernel): digits must be uint8 [S, N, C, H, W] on the CPU");
+  const int64_t S = digits_in.size(0), N = digits_in.size(1), C = digits_in.size(2), H = digits_in.size(3),
+                W = digits_in.size(4);
+  TORCH_CHECK(static_cast<int64_t>(zdig.size()) == S && kernel.size() == 2 && stride.size() == 2 &&
+                  padding.size() == 2 && dilation.size() == 2 && groups >= 1 && C % groups == 0,
+              "pyeff::quant_conv_window_sums: bad arguments");
+  const at::Tensor d = digits_in.permute({0, 1, 3, 4, 2}).contiguous();  // [S, N, H, W, C]
+  const int64_t KH = kernel[0], KW = kernel[1], Cg = C / groups;
+  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  at::Tensor out = at::empty({N * OH * OW, groups}, digits_in.options().dtype(at::kDouble));
+  const uint8_t* pd = d.data_ptr<uint8_t>();
+  double* po = out.data_ptr<double>();
+  std::vector<int64_t> zd(zdig.begin(), zdig.end());
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> a(static_cast<size_t>(H * W * groups));  // per pixel and group: sum of (q - zp)
+    for (int64_t n = b; n < e; ++n) {
+      std::fill(a.begin(), a.end(), 0);
+      for (int64_t j = 0; j < S; ++j) {
+        const uint8_t* img = pd + (j * N + n) * H * W * C;
+        const int64_t f = int64_t{1} << (8 * j);
+        for (int64_t p = 0; p < H * W; ++p)
+          for (int64_t g = 0; g < groups; ++g) {
+            const uint8_t* src = img + p * C + g * Cg;
+            int32_t sum = 0;
+            for (int64_t c = 0; c < Cg; ++c) sum += src[c];
+            a[p * groups + g] += f * (static_cast<int64_t>(sum) - Cg * zd[j]);
+          }
+      }
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          double* o = po + ((n * OH + oh) * OW + ow) * groups;
+          for (int64_t g = 0; g < groups; ++g) {
+            int64_t t = 0;
+            for (int64_t kh = 0; kh < KH; ++kh) {
+              const int64_t ih = oh * stride[0] - padding[0] + kh * dilation[0];
+              if (ih < 0 || ih >= H) continue;
+              for (int64_t kw = 0; kw < KW; ++kw) {
+                const int64_t iw = ow * stride[1] - padding[1] + kw * dilation[1];
+                if (iw >= 0 && iw < W) t += a[(ih * W + iw) * groups + g];
+              }
+            }
+            o[g] = static_cast<double>(t);
+          }
+        }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // epilogue: exact integer combination of the slices in float64, then scale and bias
 
-template <typename acc_t>
-PYEFF_CLONES void add_row(double* __restrict__ v, const acc_t* __restrict__ a, const double* __restrict__ corr,
-                          int64_t n, double f) {
-  for (int64_t i = 0; i < n; ++i) v[i] += f * (static_cast<double>(a[i]) + corr[i]);
+struct EpilogueArgs {
+  const void* const* acc;  // [S_a * G] row-major [M, >= cols] blocks, row stride ld
+  const int64_t* ld;
+  const double* corr;      // [S_a, G * cols]
+  int64_t S_a, G, S_w, Kg, K;
+  const double* rowsum;    // [M, G] or null
+  const double* fac;       // [K] a_scale * w_scale
+  const double* bias;      // [K] (zeros when there is none)
+  void* out;               // [M, K]
+};
+
+// rows [b, e) of the epilogue; inlined into one clone per instruction set, so the short loops over
+// Kg vectorise and no call is paid per row
+template <typename acc_t, typename out_t>
+__attribute__((always_inline)) inline void epilogue_rows(const EpilogueArgs& a, int64_t b, int64_t e,
+                                                         double* __restrict__ v) {
+  const int64_t Kg = a.Kg, cols = a.S_w * Kg;
+  out_t* out = static_cast<out_t*>(a.out);
+  for (int64_t m = b; m < e; ++m) {
+    for (int64_t g = 0; g < a.G; ++g) {
+      const double ones_sum = a.rowsum ? 128.0 * a.rowsum[m * a.G + g] : 0.0;
+      for (int64_t k = 0; k < Kg; ++k) v[k] = ones_sum;
+      for (int64_t j = 0; j < a.S_a; ++j) {
+        const acc_t* row = static_cast<const acc_t*>(a.acc[j * a.G + g]) + m * a.ld[j * a.G + g];
+        const double* crow = a.corr + (j * a.G + g) * cols;
+        for (int64_t l = 0; l < a.S_w; ++l) {
+          const double f = std::ldexp(1.0, int(8 * (j + l)));
+          const acc_t* r = row + l * Kg;
+          const double* c = crow + l * Kg;
+          for (int64_t k = 0; k < Kg; ++k) v[k] += f * (static_cast<double>(r[k]) + c[k]);
+        }
+      }
+      out_t* __restrict__ o = out + m * a.K + g * Kg;
+      const double* __restrict__ fa = a.fac + g * Kg;
+      const double* __restrict__ bi = a.bias + g * Kg;
+      for (int64_t k = 0; k < Kg; ++k) o[k] = static_cast<out_t>(v[k] * fa[k] + bi[k]);
+    }
+  }
+}
+
+PYEFF_CLONES void epilogue_rows_i32_f32(const EpilogueArgs& a, int64_t b, int64_t e, double* v) {
+  epilogue_rows<int32_t, float>(a, b, e, v);
+}
+PYEFF_CLONES void epilogue_rows_i32_f64(const EpilogueArgs& a, int64_t b, int64_t e, double* v) {
+  epilogue_rows<int32_t, double>(a, b, e, v);
+}
+PYEFF_CLONES void epilogue_rows_f32_f32(const EpilogueArgs& a, int64_t b, int64_t e, double* v) {
+  epilogue_rows<float, float>(a, b, e, v);
+}
+PYEFF_CLONES void epilogue_rows_f32_f64(const EpilogueArgs& a, int64_t b, int64_t e, double* v) {
+  epilogue_rows<float, double>(a, b, e, v);
 }
 
 template <typename acc_t, typename out_t>
 void epilogue_impl(const std::vector<at::Tensor>& acc, const double* corr, int64_t S_a, int64_t G, int64_t S_w,
                    const double* rowsum, double a_scale, const double* w_scale, const double* bias, out_t* out,
                    int64_t M, int64_t K) {
-  const int64_t Kg = K / G, cols = S_w * Kg;
-  std::vector<const acc_t*> ptr(acc.size());
+  std::vector<const void*> ptr(acc.size());
   std::vector<int64_t> ld(acc.size());
   for (size_t i = 0; i < acc.size(); ++i) {
     ptr[i] = acc[i].data_ptr<acc_t>();
     ld[i] = acc[i].stride(0);
   }
-  std::vector<double> fac(K);
+  // (v + ones) * a_scale * w_scale + bias, as before the restructuring: the scale product first
+  std::vector<double> fac(K), bias_v(K, 0.0);
   for (int64_t k = 0; k < K; ++k) fac[k] = a_scale * w_scale[k];
-  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
-    std::vector<double> v(Kg);
-    for (int64_t m = b; m < e; ++m) {
-      for (int64_t g = 0; g < G; ++g) {
-        std::fill(v.begin(), v.end(), 0.0);
-        const double ones_sum = rowsum ? 128.0 * rowsum[m * G + g] : 0.0;
-        for (int64_t j = 0; j < S_a; ++j) {
-          const acc_t* row = ptr[j * G + g] + m * ld[j * G + g];
-          const double* crow = corr + j * G * cols + g * cols;
-          for (int64_t l = 0; l < S_w; ++l)
-            add_row<acc_t>(v.data(), row + l * Kg, crow + l * Kg, Kg, std::ldexp(1.0, int(8 * (j + l))));
-        }
-        out_t* o = out + m * K + g * Kg;
-        const double* f = fac.data() + g * Kg;
-        for (int64_t k = 0; k < Kg; ++k) {
-          double r = (v[k] + ones_sum) * f[k];
-          if (bias) r += bias[g * Kg + k];
-          o[k] = static_cast<out_t>(r);
-        }
-      }
-    }
+  if (bias) std::copy(bias, bias + K, bias_v.begin());
+  const EpilogueArgs args{ptr.data(), ld.data(), corr, S_a, G, S_w, K / G, K, rowsum, fac.data(), bias_v.data(), out};
+  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+    std::vector<double> v(K / G);
+    if constexpr (std::is_same_v<acc_t, int32_t> && std::is_same_v<out_t, float>)
+      epilogue_rows_i32_f32(args, b, e, v.data());
+    else if constexpr (std::is_same_v<acc_t, int32_t>)
+      epilogue_rows_i32_f64(args, b, e, v.data());
+    else if constexpr (std::is_same_v<out_t, float>)
+      epilogue_rows_f32_f32(args, b, e, v.data());
+    else
+      epilogue_rows_f32_f64(args, b, e, v.data());
   });
 }
 
@@ -427,6 +521,7 @@ TORCH_LIBRARY_IMPL(pyeff, CPU, m) {
   m.impl("quant_conv_quantize", &quantize_cpu);
   m.impl("quant_conv_quantize_auto", &quantize_auto_cpu);
   m.impl("quant_conv_im2col", &im2col_cpu);
+  m.impl("quant_conv_window_sums", &window_sums_cpu);
   m.impl("quant_conv_epilogue", &epilogue_cpu);
 }
 

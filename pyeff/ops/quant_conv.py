@@ -63,7 +63,8 @@ PREFERENCE = {"cpu": ("native",), "cuda": ("native", "triton")}
 CPU_PATH_ENV = "PYEFF_QUANT_CONV_CPU_PATH"
 _EXACT_F32 = 1 << 24  # integers below this are exact in float32
 _MAX_KD = 1 << 17  # per-group reduction length that keeps every int8 x int8 slice GEMM in int32
-_OPS = ("quant_conv_quantize", "quant_conv_quantize_auto", "quant_conv_im2col", "quant_conv_epilogue")
+_OPS = ("quant_conv_quantize", "quant_conv_quantize_auto", "quant_conv_im2col", "quant_conv_window_sums",
+        "quant_conv_epilogue")
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,7 +386,10 @@ def _run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bi
             acc += [outs[g][j * M:(j + 1) * M, :cols] for g in range(groups)]
         corr = torch.tensor([128 - z for z in zdig], dtype=torch.float64, device=dev).view(-1, 1) \
             * colsum.to(dev, torch.float64).view(1, -1)
-    rowsum = window_sums(digits, zdig, groups, (KH, KW), stride, padding, dilation) if offset else None
+    rowsum = None
+    if offset:
+        ws = ops.quant_conv_window_sums if dev.type == "cpu" else window_sums
+        rowsum = ws(digits, zdig, groups, (KH, KW), stride, padding, dilation)
     out = ops.quant_conv_epilogue(acc, corr, S_w, rowsum, float(scale), wscale, bias, [N, K, OH, OW], out_dtype)
     return out.relu_() if relu else out
 
@@ -520,6 +524,13 @@ def _register_kernel_fakes():
         N, C, H, W = x.shape
         digits = x.new_empty((slices, N, H, W, C), dtype=torch.uint8).permute(0, 1, 4, 2, 3)
         return digits, x.new_empty((5,), dtype=torch.float64)
+
+    @torch.library.register_fake("pyeff::quant_conv_window_sums")
+    def _(digits, zero_digits, groups, kernel, stride, padding, dilation):
+        S, N, C, H, W = digits.shape
+        OH = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        OW = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        return digits.new_empty((N * OH * OW, groups), dtype=torch.float64)
 
     @torch.library.register_fake("pyeff::quant_conv_im2col")
     def _(digits, pad_digits, kernel, stride, padding, dilation, groups, k_pad):
