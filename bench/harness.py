@@ -99,15 +99,19 @@ def markdown_table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
-def interleaved_medians(fns: dict, rounds: int) -> dict:
+def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
     """Median seconds per call of each fn, timed round-robin (one call of each per round, after a
     warm-up round) so that load from other processes on a shared machine hits every variant alike
-    and the ratios stay meaningful."""
+    and the ratios stay meaningful. `settle` untimed calls precede each timed one, so a variant is
+    timed in its own steady state rather than right after another variant freed (and the allocator
+    returned to the OS) buffers it then has to fault in again."""
     times = {k: [] for k in fns}
     for f in fns.values():
         f()
     for _ in range(rounds):
         for k, f in fns.items():
+            for _ in range(settle):
+                f()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

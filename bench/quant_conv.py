@@ -64,7 +64,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
                "4": lambda: quant_conv2d(x, w, b, padding=1, w_bits=4, a_bits=4)}
         if device == "cpu":  # round-robin, so that load from other processes hits every variant alike
             fns["int8"] = torch_int8_pipeline(x, w, b)
-            t = harness.interleaved_medians(fns, rounds=10 if quick else 40)
+            t = harness.interleaved_medians(fns, rounds=10 if quick else 25, settle=2)
         else:
             t = {k: harness.median_seconds(f, device) for k, f in fns.items()}
             t["int8"] = float("nan")

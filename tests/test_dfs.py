@@ -47,6 +47,25 @@ def test_grouped_equals_masked_per_block(r20, bits):
             feats = routed
 
 
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_inference_fusion_matches_modules_as_written(r20, bits):
+    # inference folds BN (and the ReLU after it) into the engine's epilogue and the float convs;
+    # with gradients on, the block runs conv -> BN -> ReLU as written. Same values up to float
+    # rounding (which may move a value across a quantiser's rounding boundary: one level at most)
+    net = convert(r20, bits=(0, bits, 32)).eval()
+    x = _x(5)
+    net.calibrate([x])
+    with torch.no_grad():
+        feats = r20.layer1[0](r20.stem(x))
+    blk = net.blocks[0]
+    for b in (bits, 32):
+        with torch.no_grad():
+            fused = blk.residual(feats, b)
+        with torch.enable_grad():
+            plain = blk.residual(feats, b).detach()
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=2e-3 * float(plain.abs().max()))
+
+
 def test_routed_net_equals_masked_net(r20):
     net = convert(r20, bits=(0, 8, 10, 16, 32)).eval()
     x = _x(9)

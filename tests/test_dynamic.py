@@ -137,3 +137,58 @@ def test_route_keeps_channels_last_layout(rng):
     out = route(x, d, paths)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, masked_all_paths(x, d, paths))
+
+
+def test_route_channels_last_batch_gather_scatter_and_in_place(rng):
+    # a channels_last batch is gathered and scattered as NHWC row blocks: same values, layout kept
+    x = torch.randn(9, 5, 4, 3, generator=rng).contiguous(memory_format=torch.channels_last)
+    d = torch.randint(0, 3, (9,), generator=rng)
+    d[:3] = torch.tensor([0, 1, 2])
+    seen = []
+    paths = [lambda t: t, lambda t: seen.append(t) or t * 3, lambda t: seen.append(t) or t.relu()]
+    want = masked_all_paths(x, d, paths)
+    out = route(x, d, paths)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, want)
+    x2 = x.clone()
+    out = route(x2, d, paths, identity_inplace=0)
+    assert out is x2
+    torch.testing.assert_close(out, want)
+
+
+def test_fused_inference_folds_bn_and_keeps_the_module(rng):
+    import copy
+    import io
+
+    from pyeff.dynamic.modules import FusedInference, fused_sequential
+
+    seq = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        bn = seq[1]
+        bn.running_mean.copy_(torch.randn(6, generator=rng))
+        bn.running_var.copy_(torch.rand(6, generator=rng) + 0.5)
+        bn.weight.copy_(torch.randn(6, generator=rng))
+        bn.bias.copy_(torch.randn(6, generator=rng))
+    keys = list(seq.state_dict())
+    seq.forward = FusedInference(seq, fused_sequential)
+    assert list(seq.state_dict()) == keys
+    x = torch.randn(2, 3, 8, 8, generator=rng)
+    seq.eval()
+    with torch.no_grad():
+        want = nn.Sequential.forward(seq, x)
+        torch.testing.assert_close(seq(x), want)
+        bn.running_mean.add_(1.0)  # the folded weights follow a change of the BN statistics
+        torch.testing.assert_close(seq(x), nn.Sequential.forward(seq, x))
+    seq.train()  # training (and any forward recording gradients) runs the modules as written
+    y = seq(x)
+    assert y.requires_grad and bn.num_batches_tracked.item() == 1
+    twin = copy.deepcopy(seq)
+    assert twin.forward.module is twin
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), nn.Sequential.forward(twin.eval(), x))
