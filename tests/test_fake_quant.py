@@ -225,3 +225,19 @@ def test_cuda_matches_reference(backend, rng):
             got = fake_quant(x, 5, scheme=scheme, axis=axis, stochastic=stochastic, seed=seed, backend=backend)
             ref = fake_quant_reference(x.cpu(), 5, scheme, None if axis is None else axis % x.dim(), seed)
             torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
+
+
+def test_minmax_kernel_on_any_layout(rng):
+    # the per-tensor range reads a dense tensor in memory order (channels_last without a copy);
+    # per-channel ranges and non-dense views still see the logical layout
+    x = torch.randn(3, 5, 6, 7, generator=rng)
+    views = [x.contiguous(memory_format=torch.channels_last), x[:, 1:4, ::2], x.permute(0, 2, 3, 1), x]
+    for v in views:
+        for dtype in (torch.float32, torch.float64):
+            t = v.to(dtype)
+            got = torch.ops.pyeff.fake_quant_minmax(t, None)
+            lo, hi = torch.aminmax(t)
+            assert got.view(-1).tolist() == [lo.item(), hi.item()]
+            got = torch.ops.pyeff.fake_quant_minmax(t, 1)
+            want = torch.stack([t.transpose(0, 1).flatten(1).amin(1), t.transpose(0, 1).flatten(1).amax(1)])
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

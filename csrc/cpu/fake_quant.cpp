@@ -115,8 +115,9 @@ at::Tensor minmax_cpu(const at::Tensor& x_in, std::optional<int64_t> axis) {
   TORCH_CHECK(x_in.numel() > 0, "pyeff::fake_quant_minmax: x is empty");
   const bool is_double = x_in.scalar_type() == at::kDouble;
   // half and bfloat16 are quantised in float32; float64 keeps its precision
-  at::Tensor x = (is_double || x_in.scalar_type() == at::kFloat) ? x_in.contiguous()
-                                                               : x_in.to(at::kFloat).contiguous();
+  at::Tensor x = (is_double || x_in.scalar_type() == at::kFloat) ? x_in : x_in.to(at::kFloat);
+  // a per-tensor range reads the elements in memory order: any dense layout (channels_last) as is
+  if (axis.has_value() || !x.is_non_overlapping_and_dense()) x = x.contiguous();
   const ChannelLayout l = channel_layout(x, axis);
   const int64_t C = l.channels;
   at::Tensor out = at::empty({2, C}, x.options());
