@@ -2,7 +2,7 @@
 ResNet-38 and against the reference-style execution (every candidate path on every sample, then
 the one-hot mask, quantised paths fake-quantised in float32, as the paper's code runs).
 
-    python bench/dfs.py [--quick]            (or: pyeff bench -k dfs)
+    python bench/dfs.py [--quick] [--keep-memory]      (or: pyeff bench -k dfs)
 
 The decisions are fixed per sample and block (drawn once, seeded, from a distribution over the
 choices whose mean bit-product cost is ~25%): what is measured is execution speed, not what a
@@ -48,7 +48,9 @@ def _ref(net, d, x):
         return reference_forward(net, x)
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
+def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
+    if keep_memory and not harness.keep_freed_memory():
+        raise RuntimeError("--keep-memory needs glibc's mallopt")
     if device != "cpu":
         raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
     torch.manual_seed(0)
@@ -102,8 +104,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
         print(rows[-1], flush=True)
     columns = ["execution", "computation %", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
     harness.write_results(
-        "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "bit set": str(BITS),
+        "dfs-keep-memory" if keep_memory else "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
+        {"device": device, "malloc": "keeps freed memory (--keep-memory)" if keep_memory else "glibc defaults",
+         "bit set": str(BITS),
          "decision mixes (share of sample-blocks per choice skip/4/8/16/32)": "; ".join(
              f"{k}: {v}" for k, v in MIXES.items()),
          "gated blocks": G},
@@ -116,9 +119,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = harness.parser(__doc__, "shorter timings", "cpu only")
+    p = harness.parser(__doc__, "shorter timings", "cpu only", keep_memory=True)
     a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    run(a.quick, a.device, a.out, a.keep_memory)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,22 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def parser(doc: str, quick_help: str, devices: str = "cpu or cuda"):
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming), so that
+    big tensors are not page-faulted in again on every call. Process-wide, for every variant of a
+    run alike; returns False where it does not apply (no glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def parser(doc: str, quick_help: str, devices: str = "cpu or cuda", keep_memory: bool = False):
     """The command line every benchmark script shares: --quick, --device, --out."""
     import argparse
 
@@ -126,4 +141,8 @@ def parser(doc: str, quick_help: str, devices: str = "cpu or cuda"):
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--device", default="cpu", help=devices)
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    if keep_memory:
+        p.add_argument("--keep-memory", action="store_true",
+                       help="glibc malloc keeps freed memory (no page faults for big tensors); results go to "
+                            "<name>-keep-memory-<machine> files")
     return p

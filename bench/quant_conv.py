@@ -1,7 +1,7 @@
 """Benchmark of pyeff.ops.quant_conv2d against float32 F.conv2d and torch's own int8 pipeline, on
 ResNet-CIFAR conv shapes (3x3, stride 1, padding 1) plus one wide layer; all timed in one run.
 
-    python bench/quant_conv.py [--quick] [--device cuda]     (or: pyeff bench -k quant_conv)
+    python bench/quant_conv.py [--quick] [--device cuda] [--keep-memory]     (or: pyeff bench -k quant_conv)
 
 Baselines:
   float32     F.conv2d(x, w, b) on the NCHW float32 input.
@@ -50,7 +50,9 @@ def torch_int8_pipeline(x, w, b):
     return run
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
+def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
+    if keep_memory and not harness.keep_freed_memory():
+        raise RuntimeError("--keep-memory needs glibc's mallopt")
     shapes = SHAPES[:1] + SHAPES[-1:] if quick else SHAPES
     rows = []
     torch.manual_seed(0)
@@ -81,8 +83,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     columns = ["shape", "fp32 ms", "torch int8 ms", "pyeff 8/8 ms", "pyeff 4/4 ms", "pyeff 16/16 ms",
                "8/8 x fp32", "8/8 x torch int8", "16/16 x fp32", "8/8 GOPS"]
     harness.write_results(
-        "quant_conv", f"quant_conv2d (3x3, stride 1, padding 1), {device}", rows, columns,
-        {"device": device,
+        "quant_conv-keep-memory" if keep_memory else "quant_conv", f"quant_conv2d (3x3, stride 1, padding 1), {device}", rows, columns,
+        {"device": device, "malloc": "keeps freed memory (--keep-memory)" if keep_memory else "glibc defaults",
          "baselines": "fp32 = F.conv2d on NCHW float32; torch int8 = aminmax + quantize_per_tensor + "
                       "quantized::conv2d (weights prepacked once) + dequantize"},
         out_dir, device,
@@ -92,9 +94,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = harness.parser(__doc__, "two shapes instead of four")
+    p = harness.parser(__doc__, "two shapes instead of four", keep_memory=True)
     a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    run(a.quick, a.device, a.out, a.keep_memory)
 
 
 if __name__ == "__main__":
