@@ -119,18 +119,11 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory (no mmap for large blocks, no trimming), so that
-    big tensors are not page-faulted in again on every call. Process-wide, for every variant of a
-    run alike; returns False where it does not apply (no glibc)."""
-    import ctypes
-    import ctypes.util
+    """glibc's malloc keeps freed memory for the rest of the process (pyeff.runtime), for every
+    variant of a run alike."""
+    from pyeff.runtime import keep_freed_memory as keep
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
-    except (OSError, AttributeError):
-        return False
+    return keep()
 
 
 def parser(doc: str, quick_help: str, devices: str = "cpu or cuda", keep_memory: bool = False):
