@@ -241,3 +241,22 @@ def test_minmax_kernel_on_any_layout(rng):
             got = torch.ops.pyeff.fake_quant_minmax(t, 1)
             want = torch.stack([t.transpose(0, 1).flatten(1).amin(1), t.transpose(0, 1).flatten(1).amax(1)])
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_channels_last_input_keeps_its_layout_per_tensor(rng):
+    # one deterministic per-tensor quantiser reads and writes a channels_last tensor in place order;
+    # per-channel and stochastic quantisers return contiguous outputs; values never change
+    from pyeff.ops.fake_quant import _backend as fq_backend
+
+    x = torch.randn(3, 6, 5, 4, generator=rng)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    backends = ["reference"] + (["native"] if fq_backend.available("native", torch.device("cpu"))[0] else [])
+    for backend in backends:
+        y = fake_quant(xc, 5, backend=backend)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, fake_quant(x, 5, backend=backend), rtol=0, atol=0)
+        for kw in (dict(axis=1), dict(stochastic=True, seed=7)):
+            y = fake_quant(xc, 5, backend=backend, **kw)
+            assert y.is_contiguous()
+            torch.testing.assert_close(y, fake_quant(x, 5, backend=backend, **kw), rtol=0, atol=0)
+        torch.library.opcheck(torch.ops.pyeff.fake_quant.default, (xc, 5, "asym", None, None, backend))

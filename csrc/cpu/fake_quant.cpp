@@ -279,7 +279,12 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
   TORCH_CHECK(qmin < qmax, "pyeff::fake_quant_apply: qmin (", qmin, ") must be below qmax (", qmax, ")");
   const bool is_double = x_in.scalar_type() == at::kDouble;
   const auto compute = is_double ? at::kDouble : at::kFloat;
-  at::Tensor x = x_in.to(compute).contiguous();
+  // one deterministic per-tensor quantiser: element order does not matter, so a channels_last x is
+  // read and written in its own layout (a copy to NCHW first cost 9x the kernel)
+  const bool keep_layout = !axis.has_value() && !seed.has_value() && x_in.dim() >= 4 && !x_in.is_contiguous() &&
+                           (x_in.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+                            x_in.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  at::Tensor x = keep_layout ? x_in.to(compute) : x_in.to(compute).contiguous();
   const ChannelLayout l = channel_layout(x, axis);
   const int64_t C = l.channels;
   at::Tensor scale = scale_in.to(at::kCPU, compute).contiguous().view(-1);
@@ -290,7 +295,7 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
               " values (one per channel), got ", scale.numel(), ", ", inv.numel(), ", ", zp.numel());
   const bool stochastic = seed.has_value();
   const uint32_t s = stochastic ? static_cast<uint32_t>(*seed & 0xFFFFFFFF) : 0u;
-  at::Tensor y = empty_output_like(x);
+  at::Tensor y = keep_layout ? at::empty_like(x) : empty_output_like(x);
   if (x.numel() == 0) return y.to(x_in.scalar_type());
 
   if (is_double) {

@@ -121,9 +121,20 @@ def _check_finite(minmax: Tensor) -> None:
         raise ValueError("pyeff.ops.fake_quant: x contains NaN or infinity; quantisation needs finite values")
 
 
+def output_layout(x: Tensor, axis: Optional[int], seed: Optional[int]) -> torch.memory_format:
+    """The memory format of fake_quant's output: the CPU kernel keeps a channels_last input's layout
+    for one deterministic per-tensor quantiser (element order does not matter there); otherwise
+    the output is contiguous."""
+    if x.device.type == "cpu" and axis is None and seed is None and x.dim() >= 4 and not x.is_contiguous():
+        for fmt in (torch.channels_last, torch.channels_last_3d):
+            if (x.dim() == 4) == (fmt == torch.channels_last) and x.is_contiguous(memory_format=fmt):
+                return fmt
+    return torch.contiguous_format
+
+
 def _run(x: Tensor, bits: int, scheme: str, axis: Optional[int], seed: Optional[int], backend: str) -> Tensor:
     if backend == "reference":
-        return fake_quant_reference(x, bits, scheme, axis, seed)
+        return fake_quant_reference(x, bits, scheme, axis, seed).contiguous(memory_format=output_layout(x, axis, seed))
     if backend == "native":
         minmax, apply = torch.ops.pyeff.fake_quant_minmax, torch.ops.pyeff.fake_quant_apply
     else:  # triton
@@ -133,7 +144,7 @@ def _run(x: Tensor, bits: int, scheme: str, axis: Optional[int], seed: Optional[
     mm = minmax(x, axis)
     _check_finite(mm)
     scale, inv, zp, qmin, qmax = quant_params(mm, bits, scheme)
-    return apply(x, scale, inv, zp, qmin, qmax, axis, seed)
+    return apply(x, scale, inv, zp, qmin, qmax, axis, seed).contiguous(memory_format=output_layout(x, axis, seed))
 
 
 @torch.library.custom_op("pyeff::fake_quant", mutates_args=())
@@ -144,7 +155,7 @@ def _fake_quant_op(x: Tensor, bits: int, scheme: str, axis: Optional[int], seed:
 
 @_fake_quant_op.register_fake
 def _(x, bits, scheme, axis, seed, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_layout(x, axis, seed))
 
 
 def _setup_context(ctx, inputs, output):
@@ -166,7 +177,7 @@ if _extension.loaded():
 
     @torch.library.register_fake("pyeff::fake_quant_apply")
     def _(x, scale, inv_scale, zero_point, qmin, qmax, axis, seed):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.empty_like(x, memory_format=output_layout(x, axis, seed))
 
 
 # --------------------------------------------------------------------------------------------
