@@ -66,6 +66,19 @@ def test_inference_fusion_matches_modules_as_written(r20, bits):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=2e-3 * float(plain.abs().max()))
 
 
+def test_whole_net_torch_save_round_trip(r20, tmp_path):
+    # torch.save(net) pickles the controller, the block kinds and FusedInference (protocol 2)
+    net = convert(r20, bits=(0, 8, 32)).eval()
+    x = _x(4)
+    net.calibrate([x])
+    with torch.no_grad():
+        want = net(x)[0]
+    torch.save(net, tmp_path / "net.pt")
+    again = torch.load(tmp_path / "net.pt", weights_only=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], want, rtol=0, atol=0)
+
+
 def test_routed_net_equals_masked_net(r20):
     net = convert(r20, bits=(0, 8, 10, 16, 32)).eval()
     x = _x(9)

@@ -161,7 +161,7 @@ class _Controller:
         self.forced: Tensor | None = None  # [N, G] or [G] choice indices
         self.execution = "routed"   # eval: "routed" (only the chosen path) or "masked" (all, then mask)
         self.inplace_skip = True    # eval: identity-skip blocks write into their input (see DFSNet)
-        self.layout = torch.contiguous_format  # eval: the gated blocks' activation layout
+        self.channels_last = False  # eval: the gated blocks' activation layout (a bool: picklable)
         self.reset()
 
     def reset(self):
@@ -307,7 +307,8 @@ class DFSBlock(nn.Module):
         if ctl is None:
             raise RuntimeError("a DFSBlock runs inside its DFSNet (pyeff.dfs.convert); call the DFSNet")
         if not ctl.training:
-            x = x.contiguous(memory_format=ctl.layout)  # see DFSNet.channels_last
+            # see DFSNet.channels_last
+            x = x.contiguous(memory_format=torch.channels_last if ctl.channels_last else torch.contiguous_format)
         g = ctl.gate(x, self.index)
         decisions, weights = g.decisions, g.weights
         if ctl.forced is not None:

@@ -80,8 +80,9 @@ class DFSNet(nn.Module):
         for d in wrapped:
             d._ctl = self._ctl
         self.freeze_base = False
-        # CPU inference: the stem and the ungated first block run channels_last (oneDNN is 2-4x
-        # faster there at 16 channels); the first gated block turns the activation back to NCHW
+        # CPU inference runs channels_last, where oneDNN's convs are faster (2-4x at 16 channels):
+        # `stem_channels_last` converts the input, `channels_last` keeps the gated blocks in that
+        # layout (False: they turn it back to NCHW)
         self.stem_channels_last = True
         self.channels_last = True
         _grow_weight_cache(sum(b.act_range.shape[0] for b in wrapped) * sum(1 for b in self.bits if 0 < b < FULL))
@@ -131,7 +132,7 @@ class DFSNet(nn.Module):
         cpu_eval = not self.training and x.device.type == "cpu" and x.dim() == 4
         if self.stem_channels_last and cpu_eval:
             x = x.contiguous(memory_format=torch.channels_last)  # see __init__
-        ctl.layout = torch.channels_last if self.channels_last and cpu_eval else torch.contiguous_format
+        ctl.channels_last = self.channels_last and cpu_eval
         logits = self.model(x)
         cost = torch.stack(ctl.block_costs, 1).mean(1)
         decisions = torch.stack(ctl.decisions, 1)
