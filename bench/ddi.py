@@ -1,7 +1,7 @@
 """DDI ResNet-38 inference (eval, batch 128) at ~4x FLOP saving against the dense float32
 ResNet-38 and against the papers' execution (every block on every sample, then masks).
 
-    python bench/ddi.py [--quick]            (or: pyeff bench -k ddi)
+    python bench/ddi.py [--quick] [--keep-memory]     (or: pyeff bench -k ddi)
 
 Decisions are fixed per sample and block (a seeded draw at the stated execution rate and channel
 density): what is measured is execution speed, not what a trained gate would pick. The gates still
@@ -42,7 +42,9 @@ def _draw(net, batch, p_exec, channels=None, seed=0):
     return ex, [torch.rand(batch, b.width, generator=g) < channels for b in net.blocks]
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
+def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
+    if keep_memory and not harness.keep_freed_memory():
+        raise RuntimeError("--keep-memory needs glibc's mallopt")
     if device != "cpu":
         raise ValueError("bench/ddi.py measures the CPU engine; run it with --device cpu")
     torch.manual_seed(0)
@@ -115,8 +117,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     columns = ["execution", "FLOPs % (mean)", "FLOPs % (max sample)", "ms / batch", "us / image", "x vs dense NCHW",
                "x vs best dense", "x vs papers' execution"]
     harness.write_results(
-        "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
+        "ddi-keep-memory" if keep_memory else "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
+        {"device": device, "malloc": "keeps freed memory (--keep-memory)" if keep_memory else "glibc defaults", "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
          "channel masks": "channel_mode='mask': any subset of inner channels per sample (pyeff.ops.masked_conv2d)",
          "widths": "channel_mode='width': the first 25/50/75/100% of the inner channels (importance-sorted), "
                    "dense convs on sliced weights, samples grouped by width"},
@@ -130,9 +132,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
 
 
 def main(argv=None):
-    p = harness.parser(__doc__, "shorter timings", "cpu only")
+    p = harness.parser(__doc__, "shorter timings", "cpu only", keep_memory=True)
     a = p.parse_args(argv)
-    run(a.quick, a.device, a.out)
+    run(a.quick, a.device, a.out, a.keep_memory)
 
 
 if __name__ == "__main__":
