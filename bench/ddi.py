@@ -43,8 +43,7 @@ def _draw(net, batch, p_exec, channels=None, seed=0):
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
-    if keep_memory and not harness.keep_freed_memory():
-        raise RuntimeError("--keep-memory needs glibc's mallopt")
+    harness.use_keep_memory(keep_memory)
     if device != "cpu":
         raise ValueError("bench/ddi.py measures the CPU engine; run it with --device cpu")
     torch.manual_seed(0)
@@ -117,12 +116,12 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     columns = ["execution", "FLOPs % (mean)", "FLOPs % (max sample)", "ms / batch", "us / image", "x vs dense NCHW",
                "x vs best dense", "x vs papers' execution"]
     harness.write_results(
-        "ddi-keep-memory" if keep_memory else "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "malloc": "keeps freed memory (--keep-memory)" if keep_memory else "glibc defaults", "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
+        "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
+        {"device": device, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
          "channel masks": "channel_mode='mask': any subset of inner channels per sample (pyeff.ops.masked_conv2d)",
          "widths": "channel_mode='width': the first 25/50/75/100% of the inner channels (importance-sorted), "
                    "dense convs on sliced weights, samples grouped by width"},
-        out_dir, device,
+        out_dir, device, keep_memory=keep_memory,
         notes="Medians of round-robin timings (one call of each variant per round). Decisions fixed per sample and "
               "block (seeded draw at the stated rates); the gates still run. FLOPs % counts everything that ran "
               "(stem, first block, shortcuts, head) against the dense network; gate FLOPs (<0.1%) are not counted. "

@@ -51,8 +51,7 @@ def _ref(net, d, x):
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
-    if keep_memory and not harness.keep_freed_memory():
-        raise RuntimeError("--keep-memory needs glibc's mallopt")
+    harness.use_keep_memory(keep_memory)
     if device != "cpu":
         raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
     torch.manual_seed(0)
@@ -72,10 +71,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     # DFS folds BN into the convs it runs at inference; the same folding for the dense model
     from torch.fx.experimental.optimization import fuse
     dense_fused = fuse(dense_cl)
-    def fixed(d, xx):
+    def fixed(d, xx, dfs=net):
         def f():
-            with net.fixed_decisions(d):
-                return net(xx)
+            with dfs.fixed_decisions(d):
+                return dfs(xx)
         return f
 
     fns = {"dense float32 ResNet-38 (NCHW)": lambda: dense(x),
@@ -97,11 +96,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     d_p = to_paper[dec["B (skip/8/32)"]]
     mix_b_paper = f"DFS mix B (skip/8/32), NCHW input, {PAPER}"
     ref_paper = f"reference-style: all candidates + mask, {PAPER}"
-
-    def fixed_paper():
-        with net_p.fixed_decisions(d_p):
-            return net_p(x)
-    fns[mix_b_paper] = fixed_paper
+    fns[mix_b_paper] = fixed(d_p, x, net_p)
     fns[ref_paper] = lambda: _ref(net_p, d_p, x)
     with torch.no_grad(), net_p.fixed_decisions(d_p):
         pct_paper = 100 * float(net_p(x)[1]["cost"].mean())
@@ -122,13 +117,12 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
         print(rows[-1], flush=True)
     columns = ["execution", "computation %", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
     harness.write_results(
-        "dfs-keep-memory" if keep_memory else "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "malloc": "keeps freed memory (--keep-memory)" if keep_memory else "glibc defaults",
-         "bit set": f"{BITS} (rows marked otherwise: {PAPER_BITS})",
+        "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
+        {"device": device, "bit set": f"{BITS} (rows marked otherwise: {PAPER_BITS})",
          "decision mixes (share of sample-blocks per choice skip/4/8/16/32)": "; ".join(
              f"{k}: {v}" for k, v in MIXES.items()),
          "gated blocks": G},
-        out_dir, device,
+        out_dir, device, keep_memory=keep_memory,
         notes="Medians of round-robin timings (per round, two untimed then one timed call of each variant). Decisions fixed per sample and block (seeded draw from the mix above), the gate still runs. "
               "x ...: speed-up over that row (higher is better), all measured in this run; best dense = the fastest "
               "of the three dense rows; x vs reference = against the reference-style execution of the same bit set "

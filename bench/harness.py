@@ -63,8 +63,12 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
 
 
 def write_results(name: str, title: str, rows: list, columns: list, meta: dict, out_dir=None,
-                  device: str = "cpu", notes: str = "") -> tuple[Path, Path]:
-    """Write `<name>-<machine>.json` and `.md` under out_dir (default: ./bench/results)."""
+                  device: str = "cpu", notes: str = "", keep_memory: bool = False) -> tuple[Path, Path]:
+    """Write `<name>-<machine>.json` and `.md` under out_dir (default: ./bench/results);
+    `<name>-keep-memory-<machine>` for a --keep-memory run."""
+    if keep_memory:
+        name += "-keep-memory"
+    meta = {"malloc": "keeps freed memory (--keep-memory)" if keep_memory else "the process default", **meta}
     out = Path(out_dir or os.environ.get("PYEFF_BENCH_OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{machine_slug(device)}"
@@ -118,12 +122,13 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def keep_freed_memory() -> bool:
-    """glibc's malloc keeps freed memory for the rest of the process (pyeff.runtime), for every
-    variant of a run alike."""
-    from pyeff.runtime import keep_freed_memory as keep
+def use_keep_memory(keep: bool) -> None:
+    """--keep-memory: glibc's malloc keeps freed memory for the rest of the process
+    (pyeff.runtime.keep_freed_memory), for every variant of the run alike."""
+    from pyeff.runtime import keep_freed_memory
 
-    return keep()
+    if keep and not keep_freed_memory():
+        raise RuntimeError("--keep-memory needs glibc's mallopt")
 
 
 def parser(doc: str, quick_help: str, devices: str = "cpu or cuda", keep_memory: bool = False):

@@ -51,8 +51,7 @@ def torch_int8_pipeline(x, w, b):
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
-    if keep_memory and not harness.keep_freed_memory():
-        raise RuntimeError("--keep-memory needs glibc's mallopt")
+    harness.use_keep_memory(keep_memory)
     shapes = SHAPES[:1] + SHAPES[-1:] if quick else SHAPES
     rows = []
     torch.manual_seed(0)
@@ -83,11 +82,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     columns = ["shape", "fp32 ms", "torch int8 ms", "pyeff 8/8 ms", "pyeff 4/4 ms", "pyeff 16/16 ms",
                "8/8 x fp32", "8/8 x torch int8", "16/16 x fp32", "8/8 GOPS"]
     harness.write_results(
-        "quant_conv-keep-memory" if keep_memory else "quant_conv", f"quant_conv2d (3x3, stride 1, padding 1), {device}", rows, columns,
-        {"device": device, "malloc": "keeps freed memory (--keep-memory)" if keep_memory else "glibc defaults",
-         "baselines": "fp32 = F.conv2d on NCHW float32; torch int8 = aminmax + quantize_per_tensor + "
+        "quant_conv", f"quant_conv2d (3x3, stride 1, padding 1), {device}", rows, columns,
+        {"device": device, "baselines": "fp32 = F.conv2d on NCHW float32; torch int8 = aminmax + quantize_per_tensor + "
                       "quantized::conv2d (weights prepacked once) + dequantize"},
-        out_dir, device,
+        out_dir, device, keep_memory=keep_memory,
         notes="x ...: speed-up of pyeff over the baseline measured in the same run (higher is better). "
               "pyeff's output is channels_last; its weight quantisation is cached per weight version.")
     return rows

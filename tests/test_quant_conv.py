@@ -280,8 +280,6 @@ def test_opcheck_kernels(rng):
 def test_cpu_front_end_matches_python_params_and_levels(a_bits, channels_last, rng):
     # range, parameters and digits in one C++ call: bit for bit the Python quantiser's, on shapes
     # that take the 16 x 16 transposing path (C a multiple of 16) and its remainders
-    if not _native_ok():
-        pytest.skip("pyeff._C lacks the quant_conv kernels")
     ops = torch.ops.pyeff
     S = qc.act_slices(a_bits)
     qmax = (1 << a_bits) - 1
@@ -307,8 +305,6 @@ def test_cpu_front_end_matches_python_params_and_levels(a_bits, channels_last, r
 
 def test_cpu_window_sums_match_python(rng):
     # the 16-bit weight offset's window sums, C++ against the plain PyTorch version
-    if not _native_ok():
-        pytest.skip("pyeff._C lacks the quant_conv kernels")
     for S, C, G, k, st, p, d in [(2, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1)), (1, 8, 1, (3, 2), (2, 1), (2, 0), (1, 2)),
                                  (2, 16, 2, (1, 1), (1, 1), (0, 0), (1, 1))]:
         digits = torch.randint(0, 256, (S, 3, C, 9, 7), dtype=torch.uint8, generator=rng)

@@ -3,8 +3,6 @@ import platform
 import subprocess
 import sys
 
-import pytest
-
 
 def test_keep_freed_memory_in_a_fresh_process():
     code = ("import torch, pyeff.runtime as r; ok = r.keep_freed_memory(); "
@@ -14,7 +12,6 @@ def test_keep_freed_memory_in_a_fresh_process():
     assert out.returncode == 0, out.stderr
     ok, total = out.stdout.split()
     assert float(total) == 2.0 * (1 << 22)
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert ok == "True"
-    else:
-        pytest.skip("not glibc: keep_freed_memory() only reports False there")
+    # glibc takes the setting; any other C library leaves malloc alone and reports False
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert ok == str(glibc)

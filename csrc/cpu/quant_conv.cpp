@@ -45,6 +45,15 @@ PYEFF_CLONES void levels_f32(const float* __restrict__ x, int32_t* __restrict__ 
   levels<float>(x, q, n, inv, zp, qmax);
 }
 
+// float32 through the per-instruction-set clones, other types through the plain template
+template <typename T>
+inline void levels_fast(const T* x, int32_t* q, int64_t n, T inv, T zp, T qmax) {
+  if constexpr (std::is_same_v<T, float>)
+    levels_f32(x, q, n, inv, zp, qmax);
+  else
+    levels<T>(x, q, n, inv, zp, qmax);
+}
+
 // rows of an NCHW image (channel stride `cstride`) at positions [p0, p0 + len) -> channels_last
 // digits: levels per channel into a small [C][kTile] tile, then a byte transpose per slice.
 constexpr int64_t kTile = 64;
@@ -121,12 +130,7 @@ void quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_
     transpose_bytes(bytes, kTile, out[0], C, C, len);
     return;
   }
-  for (int64_t c = 0; c < C; ++c) {
-    if constexpr (std::is_same_v<T, float>)
-      levels_f32(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
-    else
-      levels<T>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
-  }
+  for (int64_t c = 0; c < C; ++c) levels_fast<T>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
   for (int s = 0; s < slices; ++s) {
     const int shift = 8 * s;
     for (int64_t i = 0; i < C * kTile; ++i) bytes[i] = static_cast<uint8_t>(tile[i] >> shift);
@@ -141,10 +145,7 @@ void quantize_run_nhwc(const T* x, uint8_t* const* out, int64_t n, int slices, T
   int32_t buf[kChunk];
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t len = std::min(kChunk, n - i0);
-    if constexpr (std::is_same_v<T, float>)
-      levels_f32(x + i0, buf, len, inv, zp, qmax);
-    else
-      levels<T>(x + i0, buf, len, inv, zp, qmax);
+    levels_fast<T>(x + i0, buf, len, inv, zp, qmax);
     for (int s = 0; s < slices; ++s) {
       uint8_t* o = out[s] + i0;
       const int shift = 8 * s;

@@ -188,7 +188,7 @@ class DFSNet(nn.Module):
                 ctl = self._ctl
                 with self.fixed_decisions([k] * G):
                     ctl.reset()
-                    ctl.training, ctl.observe, ctl.momentum = False, True, None
+                    ctl.training, ctl.observe, ctl.momentum, ctl.channels_last = False, True, None, False
                     self.model(x)
         finally:
             self._ctl.observe, self._ctl.momentum = False, 0.1

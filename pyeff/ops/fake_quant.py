@@ -125,17 +125,17 @@ def output_layout(x: Tensor, axis: Optional[int], seed: Optional[int]) -> torch.
     """The memory format of fake_quant's output: the CPU kernel keeps a channels_last input's layout
     for one deterministic per-tensor quantiser (element order does not matter there); otherwise
     the output is contiguous."""
-    if x.device.type == "cpu" and axis is None and seed is None and x.dim() >= 4 and not x.is_contiguous():
-        for fmt in (torch.channels_last, torch.channels_last_3d):
-            if (x.dim() == 4) == (fmt == torch.channels_last) and x.is_contiguous(memory_format=fmt):
-                return fmt
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and x.device.type == "cpu" and axis is None and seed is None and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=fmt):
+        return fmt
     return torch.contiguous_format
 
 
 def _run(x: Tensor, bits: int, scheme: str, axis: Optional[int], seed: Optional[int], backend: str) -> Tensor:
-    if backend == "reference":
+    if backend == "reference":  # elementwise ops keep any layout: impose the op's
         return fake_quant_reference(x, bits, scheme, axis, seed).contiguous(memory_format=output_layout(x, axis, seed))
-    if backend == "native":
+    if backend == "native":  # the kernel follows output_layout itself
         minmax, apply = torch.ops.pyeff.fake_quant_minmax, torch.ops.pyeff.fake_quant_apply
     else:  # triton
         from pyeff.kernels import fake_quant as tk
@@ -144,7 +144,8 @@ def _run(x: Tensor, bits: int, scheme: str, axis: Optional[int], seed: Optional[
     mm = minmax(x, axis)
     _check_finite(mm)
     scale, inv, zp, qmin, qmax = quant_params(mm, bits, scheme)
-    return apply(x, scale, inv, zp, qmin, qmax, axis, seed).contiguous(memory_format=output_layout(x, axis, seed))
+    out = apply(x, scale, inv, zp, qmin, qmax, axis, seed)
+    return out if backend == "native" else out.contiguous(memory_format=output_layout(x, axis, seed))
 
 
 @torch.library.custom_op("pyeff::fake_quant", mutates_args=())

@@ -284,16 +284,20 @@ def _cpu_onednn_allowed() -> bool:
     return forced != "gemm" and cpu_has_int8_dot() and _onednn_available()
 
 
+def _single_slice(x: Tensor, a_bits: int, w_bits: int) -> bool:
+    return a_bits <= 8 and w_bits <= 8 and x.dtype != torch.float64
+
+
 def _cpu_direct(x: Tensor, a_bits: int, w_bits: int) -> bool:
     """One oneDNN int8 convolution with the dequantisation fused (<= 8 bits, float32 output)."""
-    return a_bits <= 8 and w_bits <= 8 and x.dtype != torch.float64 and _cpu_onednn_allowed()
+    return _single_slice(x, a_bits, w_bits) and _cpu_onednn_allowed()
 
 
 def _cpu_path(x: Tensor, a_bits: int, w_bits: int, kd: int, l1max: int, qmax: int, zp: int) -> str:
-    if _cpu_direct(x, a_bits, w_bits):
-        return "direct"
     if not _cpu_onednn_allowed():
         return "gemm"
+    if _single_slice(x, a_bits, w_bits):
+        return "direct"
     # slices through oneDNN: every slice accumulator must be exact in its float32 output
     amax = max(max(z, digit_max(qmax, j) - z) for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
     if amax * l1max < _EXACT_F32:
