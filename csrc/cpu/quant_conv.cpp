@@ -31,54 +31,40 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // quantise: q = clamp(floor(x * inv + zp + 0.5), 0, qmax), written as base-256 digits
 
-template <typename T>
-inline void levels(const T* __restrict__ x, int32_t* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
+// levels as int32 (any width, split into digits later) or straight as uint8 (one 8-bit slice)
+template <typename T, typename Q>
+inline void levels(const T* __restrict__ x, Q* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
   for (int64_t i = 0; i < n; ++i) {
     T v = std::floor(x[i] * inv + zp + T(0.5));
     v = std::min(std::max(v, T(0)), qmax);
-    q[i] = static_cast<int32_t>(v);
+    q[i] = static_cast<Q>(static_cast<int32_t>(v));
   }
 }
 
 PYEFF_CLONES void levels_f32(const float* __restrict__ x, int32_t* __restrict__ q, int64_t n, float inv,
                              float zp, float qmax) {
-  levels<float>(x, q, n, inv, zp, qmax);
+  levels<float, int32_t>(x, q, n, inv, zp, qmax);
+}
+
+PYEFF_CLONES void levels_u8_f32(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
+                                float zp, float qmax) {
+  levels<float, uint8_t>(x, q, n, inv, zp, qmax);
 }
 
 // float32 through the per-instruction-set clones, other types through the plain template
-template <typename T>
-inline void levels_fast(const T* x, int32_t* q, int64_t n, T inv, T zp, T qmax) {
-  if constexpr (std::is_same_v<T, float>)
+template <typename T, typename Q>
+inline void levels_fast(const T* x, Q* q, int64_t n, T inv, T zp, T qmax) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Q, int32_t>)
     levels_f32(x, q, n, inv, zp, qmax);
+  else if constexpr (std::is_same_v<T, float>)
+    levels_u8_f32(x, q, n, inv, zp, qmax);
   else
-    levels<T>(x, q, n, inv, zp, qmax);
+    levels<T, Q>(x, q, n, inv, zp, qmax);
 }
 
 // rows of an NCHW image (channel stride `cstride`) at positions [p0, p0 + len) -> channels_last
 // digits: levels per channel into a small [C][kTile] tile, then a byte transpose per slice.
 constexpr int64_t kTile = 64;
-
-template <typename T>
-inline void levels_u8(const T* __restrict__ x, uint8_t* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
-  for (int64_t i = 0; i < n; ++i) {
-    T v = std::floor(x[i] * inv + zp + T(0.5));
-    v = std::min(std::max(v, T(0)), qmax);
-    q[i] = static_cast<uint8_t>(static_cast<int32_t>(v));
-  }
-}
-
-PYEFF_CLONES void levels_u8_f32(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
-                                float zp, float qmax) {
-  levels_u8<float>(x, q, n, inv, zp, qmax);
-}
-
-template <typename T>
-inline void levels_u8_fast(const T* x, uint8_t* q, int64_t n, T inv, T zp, T qmax) {
-  if constexpr (std::is_same_v<T, float>)
-    levels_u8_f32(x, q, n, inv, zp, qmax);
-  else
-    levels_u8<T>(x, q, n, inv, zp, qmax);
-}
 
 // after the four interleaving rounds below, register k holds the 16 channels of position
 // bit-reverse(k) (4 bits), in channel order
@@ -126,11 +112,11 @@ template <typename T>
 void quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_t C, int64_t len, int slices,
                         T inv, T zp, T qmax, int32_t* tile, uint8_t* bytes) {
   if (slices == 1) {
-    for (int64_t c = 0; c < C; ++c) levels_u8_fast<T>(x + c * cstride, bytes + c * kTile, len, inv, zp, qmax);
+    for (int64_t c = 0; c < C; ++c) levels_fast<T, uint8_t>(x + c * cstride, bytes + c * kTile, len, inv, zp, qmax);
     transpose_bytes(bytes, kTile, out[0], C, C, len);
     return;
   }
-  for (int64_t c = 0; c < C; ++c) levels_fast<T>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
+  for (int64_t c = 0; c < C; ++c) levels_fast<T, int32_t>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
   for (int s = 0; s < slices; ++s) {
     const int shift = 8 * s;
     for (int64_t i = 0; i < C * kTile; ++i) bytes[i] = static_cast<uint8_t>(tile[i] >> shift);
@@ -145,7 +131,7 @@ void quantize_run_nhwc(const T* x, uint8_t* const* out, int64_t n, int slices, T
   int32_t buf[kChunk];
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t len = std::min(kChunk, n - i0);
-    levels_fast<T>(x + i0, buf, len, inv, zp, qmax);
+    levels_fast<T, int32_t>(x + i0, buf, len, inv, zp, qmax);
     for (int s = 0; s < slices; ++s) {
       uint8_t* o = out[s] + i0;
       const int shift = 8 * s;
@@ -172,7 +158,7 @@ at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, in
       const int64_t total = N * HW * C;
       at::parallel_for(0, total, 1 << 14, [&](int64_t b, int64_t e) {
         if (slices == 1) {
-          levels_u8_fast<scalar_t>(px + b, base + b, e - b, inv, zp, qm);
+          levels_fast<scalar_t, uint8_t>(px + b, base + b, e - b, inv, zp, qm);
           return;
         }
         uint8_t* o[2] = {base + b, base + per_slice + b};
