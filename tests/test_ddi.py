@@ -235,7 +235,8 @@ def test_static_pruning(name, rng):
 
 
 def test_sort_inner_channels_keeps_the_function(rng):
-    from pyeff.ddi.prune import _plan, sort_inner_channels
+    from pyeff.ddi.prune import sort_inner_channels
+    from pyeff.dynamic import block_spec
 
     for name in ("resnet20", "densenet", "torchvision.resnet50"):
         base, size = _model(name, rng)
@@ -244,7 +245,7 @@ def test_sort_inner_channels_keeps_the_function(rng):
         sorted_ = sort_inner_channels(copy.deepcopy(base))
         with torch.no_grad():
             torch.testing.assert_close(sorted_(x), base(x), rtol=1e-4, atol=1e-4)  # summation order changes
-        blk = next(m for m in sorted_.modules() if _plan(m) is not None)
+        blk = next(m for m in sorted_.modules() if block_spec(m) is not None)
         norms = blk.conv1.weight.abs().flatten(1).sum(1)
         assert torch.all(norms[:-1] >= norms[1:])
 

@@ -157,23 +157,23 @@ def test_route_channels_last_batch_gather_scatter_and_in_place(rng):
     torch.testing.assert_close(out, want)
 
 
-def test_fused_inference_folds_bn_and_keeps_the_module(rng):
+def test_fused_sequential_folds_bn_and_keeps_the_module(rng):
     import copy
     import io
 
-    from pyeff.dynamic.modules import FusedInference, fused_sequential
+    from pyeff.dynamic.net import FusedSequential
 
-    seq = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6), nn.ReLU(),
-                        nn.Conv2d(6, 4, 1), nn.ReLU(inplace=True))
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 1), nn.ReLU(inplace=True))
     with torch.no_grad():
-        bn = seq[1]
+        bn = plain[1]
         bn.running_mean.copy_(torch.randn(6, generator=rng))
         bn.running_var.copy_(torch.rand(6, generator=rng) + 0.5)
         bn.weight.copy_(torch.randn(6, generator=rng))
         bn.bias.copy_(torch.randn(6, generator=rng))
-    keys = list(seq.state_dict())
-    seq.forward = FusedInference(seq, fused_sequential)
-    assert list(seq.state_dict()) == keys
+    keys = list(plain.state_dict())
+    seq = FusedSequential(*plain)
+    assert list(seq.state_dict()) == keys and "forward" not in seq.__dict__
     x = torch.randn(2, 3, 8, 8, generator=rng)
     seq.eval()
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_fused_inference_folds_bn_and_keeps_the_module(rng):
     y = seq(x)
     assert y.requires_grad and bn.num_batches_tracked.item() == 1
     twin = copy.deepcopy(seq)
-    assert twin.forward.module is twin
+    assert type(twin) is FusedSequential
     buf = io.BytesIO()
     torch.save(twin, buf)
     buf.seek(0)

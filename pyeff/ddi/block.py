@@ -15,34 +15,17 @@ values are the same as at inference.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyeff.ddi.config import CHANNEL_MODES, DEFAULT_WIDTHS, check_widths
 from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
-from pyeff.dynamic.modules import add_relu_, bn_foldable, fold_bn, identity_shortcut, relu_
+from pyeff.dynamic.modules import bn_foldable, fold_bn, relu_
+from pyeff.dynamic.net import DynamicBlock
 from pyeff.ops.masked_conv import _direct_kernel_applies, masked_conv2d
-
-
-_FOLD = [True]
-
-
-@contextlib.contextmanager
-def no_bn_folding():
-    """Within the block, every conv runs as its module (forward hooks see it), BN unfolded."""
-    old, _FOLD[0] = _FOLD[0], False
-    try:
-        yield
-    finally:
-        _FOLD[0] = old
-
-
-def _foldable(bn: nn.Module) -> bool:
-    return _FOLD[0] and bn_foldable(bn)
 
 
 class _Masks:
@@ -50,8 +33,8 @@ class _Masks:
     a straight-through mask in training (or when every channel is on: plain convs). At inference
     a conv followed by BN runs as one conv with the BN folded in (one pass less per conv)."""
 
-    def __init__(self, soft: Tensor | None, hard: Tensor | None, training: bool):
-        self.soft, self.hard, self.training = soft, hard, training
+    def __init__(self, soft: Tensor | None, hard: Tensor | None, training: bool, fold: bool = True):
+        self.soft, self.hard, self.training, self.fold = soft, hard, training, fold
 
     def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool, wb=None) -> Tensor:
         w, b = wb if wb is not None else (conv.weight, conv.bias)
@@ -64,7 +47,7 @@ class _Masks:
                              in_mask=self.hard if in_gated else None, out_mask=self.hard if out_gated else None)
 
     def conv_bn(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor, in_gated: bool, out_gated: bool) -> Tensor:
-        if self.training or not _foldable(bn):
+        if self.training or not (self.fold and bn_foldable(bn)):
             return self.bn(bn, self.conv(conv, x, in_gated, out_gated))
         return self.conv(conv, x, in_gated, out_gated, fold_bn(conv, bn))
 
@@ -83,8 +66,8 @@ class _Slice(_Masks):
     """Width mode at inference: the first k inner channels run, as ordinary dense convs on sliced
     weights (oneDNN/cuDNN speed; no per-channel masks)."""
 
-    def __init__(self, k: int):
-        super().__init__(None, None, False)
+    def __init__(self, k: int, fold: bool = True):
+        super().__init__(None, None, False, fold)
         self.k = k
 
     def conv(self, conv: nn.Conv2d, x: Tensor, in_gated: bool, out_gated: bool, wb=None) -> Tensor:
@@ -101,110 +84,26 @@ class _Slice(_Masks):
                             None if bn.bias is None else bn.bias[:k], False, 0.0, bn.eps)
 
 
-# --------------------------------------------------------------------------------------------
-# block kinds
+def chain_runner(spec, block: nn.Module, M: _Masks) -> Callable:
+    """The conv runner of a block's residual chain (pyeff.dynamic.BlockSpec.residual) under the
+    masks M: each conv with its BN (folded at inference) and ReLU, inactive inner channels zeroed
+    in training and never read at inference."""
+    def conv(i: int, x: Tensor) -> Tensor:
+        g_in, g_out = spec.gated(i)
+        m, bn = spec.conv(block, i), spec.bn(block, i)
+        y = M.conv(m, x, g_in, g_out) if bn is None else M.conv_bn(m, bn, x, g_in, g_out)
+        if spec.convs[i].relu:
+            y = relu_(y)
+        return M.apply(y) if g_out else y
+    return conv
 
 
-def _pyeff_shortcut(b, x):
-    return b.shortcut(x)
-
-
-def _tv_shortcut(b, x):
-    return x if b.downsample is None else b.downsample(x)
-
-
-def _basic(shortcut):
-    def run(b, x, M):
-        h = M.apply(relu_(M.conv_bn(b.conv1, b.bn1, x, False, True)))
-        return add_relu_(M.conv_bn(b.conv2, b.bn2, h, True, False), shortcut(b, x))
-    return run
-
-
-def _preact(b, x, M):
-    h = M.apply(relu_(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
-    return M.conv(b.conv2, h, True, False) + b.shortcut(x)
-
-
-def _bottleneck(b, x, M):
-    h = M.apply(relu_(M.conv_bn(b.conv1, b.bn1, x, False, True)))
-    h = M.apply(relu_(M.conv_bn(b.conv2, b.bn2, h, True, True)))
-    return add_relu_(M.conv_bn(b.conv3, b.bn3, h, True, False), _tv_shortcut(b, x))
-
-
-def _dense(b, x, M):
-    h = M.apply(relu_(M.conv_bn(b.conv1, b.bn2, F.relu(b.bn1(x)), False, True)))
-    return torch.cat([x, M.conv(b.conv2, h, True, False)], 1)
-
-
-def _dense_skip(b, x):
-    n, _, H, W = x.shape
-    return torch.cat([x, x.new_zeros(n, b.growth, H, W)], 1)
-
-
-def _inner(b) -> int:  # the inner width: conv1's output channels (also after static pruning)
-    return b.conv1.out_channels
-
-
-@dataclass(frozen=True)
-class BlockKind:
-    """How DDI drives one type of block."""
-    execute: Callable          # (block, x, masks) -> output
-    skip: Callable             # (block, x) -> output of a skipped sample
-    width: Callable            # block -> number of inner (gated) channels
-    convs: tuple               # (attribute, input gated, output gated) of the executed convs
-    shortcut: tuple            # attributes of modules that run on every sample (skip or not)
-    in_channels: Callable      # block -> channels of its input
-
-
-def block_kind(block: nn.Module) -> BlockKind | None:
-    from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
-    from pyeff.models.densenet import DenseLayer
-
-    two = (("conv1", False, True), ("conv2", True, False))
-    if isinstance(block, BasicBlock):
-        return BlockKind(_basic(_pyeff_shortcut), _pyeff_shortcut, _inner, two, ("shortcut",), lambda b: b.in_planes)
-    if isinstance(block, PreActBlock):
-        return BlockKind(_preact, _pyeff_shortcut, _inner, two, ("shortcut",), lambda b: b.in_planes)
-    if isinstance(block, DenseLayer):
-        return BlockKind(_dense, _dense_skip, _inner, two, (), lambda b: b.in_channels)
-    try:
-        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
-    except ImportError:  # torchvision is optional
-        return None
-    if isinstance(block, TVBasic):
-        return BlockKind(_basic(_tv_shortcut), _tv_shortcut, _inner, two, ("downsample",),
-                         lambda b: b.conv1.in_channels)
-    if isinstance(block, TVBottleneck):
-        return BlockKind(_bottleneck, _tv_shortcut, _inner,
-                         (("conv1", False, True), ("conv2", True, True), ("conv3", True, False)), ("downsample",),
-                         lambda b: b.conv1.in_channels)
-    return None
-
-
-CHANNEL_MODES = ("mask", "width")
-DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
-
-
-def _check_widths(widths) -> list:
-    try:
-        ws = [float(w) for w in widths]
-    except (TypeError, ValueError):
-        raise TypeError(f"pyeff.ddi: widths must be fractions of the inner channels such as (0.25, 0.5, 1), "
-                        f"got {widths!r}") from None
-    if not ws or any(not 0 < w <= 1 for w in ws):
-        raise ValueError(f"pyeff.ddi: widths must be fractions in (0, 1], got {tuple(widths)}")
-    return ws
-
-
-SUPPORTED = ("pyeff BasicBlock, PreActBlock and DenseLayer; torchvision BasicBlock and Bottleneck")
-
-
-class DDIBlock(nn.Module):
-    """Wraps a block (kept as `self.block`, parameters shared) with a channel gate; the layer gate
-    is the DDINet's shared recurrent gate, consulted through the controller `_ctl`.
+class DDIBlock(DynamicBlock):
+    """Wraps a registered block (kept as `self.block`, parameters shared) with a channel gate; the
+    layer gate is the DDINet's shared recurrent gate, consulted through the controller `_ctl`.
 
     Args:
-        block: a supported block (see `SUPPORTED`).
+        block: a block type registered in pyeff.dynamic (see `pyeff.dynamic.register_block`).
         index: position among the gated blocks (the recurrent gate's step, the cost table's row).
         stage: the stage (0-based) the block belongs to (for halting at exits).
         channel_gate: give the block a channel gate (False: layer skipping only).
@@ -219,34 +118,34 @@ class DDIBlock(nn.Module):
     def __init__(self, block: nn.Module, index: int, stage: int, channel_gate: bool = True,
                  reduction: int = 4, threshold: float = 0.5, init_open: float = 1.5, channel_mode: str = "mask",
                  widths: Sequence[float] = DEFAULT_WIDTHS):
-        super().__init__()
-        kind = block_kind(block)
-        if kind is None:
-            raise TypeError(f"pyeff.ddi: {type(block).__name__} is not a supported block ({SUPPORTED})")
-        self.block, self.kind, self.index, self.stage = block, kind, index, stage
-        self.width = kind.width(block)
-        self.in_channels = kind.in_channels(block)
+        super().__init__(block, index, "pyeff.ddi")
+        spec = self.spec
+        self.stage = stage
+        width, in_channels = self.width, self.in_channels
         # skipped samples keep their input: at inference the executed ones are written into it in place
-        self.identity_skip = identity_shortcut(block)
-        self.projection_shortcut = bool(kind.shortcut) and not self.identity_skip  # a resolution/width change
+        self.identity_skip = spec.identity_shortcut(block)
+        self.projection_shortcut = spec.shortcut is not None and not self.identity_skip  # a resolution/width change
         if channel_mode not in CHANNEL_MODES:
             raise ValueError(f"pyeff.ddi: channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}")
         self.channel_mode = channel_mode if channel_gate else None
         if channel_gate and channel_mode == "width":
-            for attr, in_g, out_g in kind.convs:
-                if getattr(block, attr).groups != 1 and (in_g or out_g):
+            for i, c in enumerate(spec.convs):
+                if spec.conv(block, i).groups != 1 and any(spec.gated(i)):
                     raise ValueError(f"pyeff.ddi: width mode slices the inner channels, which a grouped conv "
-                                     f"({type(block).__name__}.{attr}) does not allow; use channel_mode='mask'")
-            counts = sorted({min(self.width, max(1, int(round(float(f) * self.width)))) for f in _check_widths(widths)})
+                                     f"({type(block).__name__}.{c.conv}) does not allow; use channel_mode='mask'")
+            counts = sorted({min(width, max(1, int(round(float(f) * width)))) for f in check_widths(widths)})
             self.register_buffer("counts", torch.tensor(counts), persistent=False)
-            self.register_buffer("prefix", (torch.arange(self.width)[None, :] < self.counts[:, None]).float(),
+            self.register_buffer("prefix", (torch.arange(width)[None, :] < self.counts[:, None]).float(),
                                  persistent=False)
-            self.channel_gate = WidthGate(self.in_channels, len(counts), reduction)
+            self.channel_gate = WidthGate(in_channels, len(counts), reduction)
         else:
-            self.channel_gate = ChannelGate(self.in_channels, self.width, reduction, threshold, init_open) \
+            self.channel_gate = ChannelGate(in_channels, width, reduction, threshold, init_open) \
                 if channel_gate else None
         self.layer_gated = True  # the DDINet decides (projection-shortcut blocks: not by default)
-        self._ctl = None
+
+    def _execute(self, x: Tensor, M: _Masks) -> Tensor:
+        spec, blk = self.spec, self.block
+        return spec.combine_fn()(spec.residual(blk, x, chain_runner(spec, blk, M)), spec.shortcut_out(blk, x))
 
     def forward(self, x: Tensor) -> Tensor:
         ctl = self._ctl
@@ -256,13 +155,13 @@ class DDIBlock(nn.Module):
 
     # the two paths, on a group of samples
     def skip_path(self, x: Tensor, soft=None, hard=None) -> Tensor:
-        return self.kind.skip(self.block, x)
+        return self.spec.skip(self.block, x)
 
     def exec_path(self, x: Tensor, soft: Tensor | None = None, hard: Tensor | None = None,
                   training: bool = False) -> Tensor:
         if hard is not None and not training and bool(hard.all()):
             hard = None  # every inner channel on: the plain convs
-        return self.kind.execute(self.block, x, _Masks(soft, hard, training))
+        return self._execute(x, _Masks(soft, hard, training, self._folding()))
 
     def run(self, x: Tensor, execute: Tensor, layer_weights: Tensor | None, soft: Tensor | None,
             hard: Tensor | None, training: bool, execution: str = "routed", inplace: bool = False) -> Tensor:
@@ -282,8 +181,9 @@ class DDIBlock(nn.Module):
 
     def width_path(self, k: int):
         """Inference in width mode: the block with its first k inner channels."""
-        M = _Slice(k) if k < self.width else _Masks(None, None, False)
-        return lambda xs: self.kind.execute(self.block, xs, M)
+        fold = self._folding()
+        M = _Slice(k, fold) if k < self.width else _Masks(None, None, False, fold)
+        return lambda xs: self._execute(xs, M)
 
     def run_width(self, x: Tensor, choice: Tensor, inplace: bool = False) -> Tensor:
         """Inference in width mode: choice [N] is 0 (skip) or 1 + the index of the sample's width;

@@ -15,21 +15,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pyeff.ddi.block import no_bn_folding
+from pyeff.ddi.config import UNITS, EnergyModel
 
-UNITS = ("flops", "energy", "latency")
 UNIT_LABELS = {"flops": "FLOPs / sample", "energy": "pJ / sample", "latency": "ms / sample"}
-
-
-@dataclass
-class EnergyModel:
-    """Energy per operation in pJ. Defaults: 45 nm figures (Horowitz, ISSCC 2014): a float32
-    multiply (3.7 pJ) plus add (0.9 pJ) per MAC, and a 32-bit word of an 8 KB SRAM (~5 pJ) per
-    activation read or written and per weight read (weights are assumed to stream from on-chip
-    SRAM once per sample). Pass your accelerator's numbers for its tables."""
-    mac_pj: float = 4.6
-    act_pj: float = 5.0
-    weight_pj: float = 5.0
 
 
 @dataclass
@@ -124,7 +112,7 @@ def build_table(net, x: Tensor, unit: str = "flops", energy: EnergyModel | None 
     hooks = [m.register_forward_hook(lambda m, i, o: records.__setitem__(m, (i[0], o)))
              for m in _costed_modules(net)]
     try:
-        with net.all_open(), no_bn_folding():  # the convs' forward hooks record their shapes
+        with net.all_open(), net.unfused():  # the convs' forward hooks record their shapes
             net.eval_all_exits(x[:1])
     finally:
         for h in hooks:
@@ -142,11 +130,13 @@ def build_table(net, x: Tensor, unit: str = "flops", energy: EnergyModel | None 
     blocks = []
     for blk in net.blocks:
         c = [0.0, 0.0, 0.0]
-        for attr, in_g, out_g in blk.kind.convs:
-            conv = getattr(blk.block, attr)
+        spec = blk.spec
+        for i in range(len(spec.convs)):
+            conv = spec.conv(blk.block, i)
+            in_g, out_g = spec.gated(i)
             for (a, b), v in _module_terms(conv, *records[conv], unit, energy).items():
                 c[a * in_g + b * out_g] += v
-        fixed = sum(cost_of(getattr(blk.block, a)) for a in blk.kind.shortcut if getattr(blk.block, a) is not None)
+        fixed = sum(cost_of(m) for m in spec.shortcut_modules(blk.block))
         blocks.append(BlockCost(blk.stage, fixed, *c))
     stem, stages, head = net.parts
     gated = net.blocks
@@ -208,7 +198,7 @@ def _latency_table(net, x: Tensor, repeats: int) -> CostTable:
             r = float(half.float().mean())
         c1 = max(t_full - t_half, 0.0) / (1.0 - r)
         c0 = max(t_full - c1, 0.0)
-        fixed = per_sample(lambda: blk.skip_path(xi)) if blk.kind.shortcut else 0.0
+        fixed = per_sample(lambda: blk.skip_path(xi)) if blk.spec.shortcut is not None else 0.0
         blocks.append(BlockCost(blk.stage, fixed, c0, c1, 0.0))
     gated = {id(b) for b in net.blocks}
     ungated = []

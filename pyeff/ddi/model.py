@@ -23,13 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.ddi.block import DEFAULT_WIDTHS, SUPPORTED, DDIBlock, block_kind
-from pyeff.ddi.costs import UNITS, CostTable, EnergyModel, build_table
-from pyeff.dynamic import RecurrentGate, straight_through
-from pyeff.dynamic.modules import find_blocks, replace_submodule, swapped
-
-
-TRAIN_MODES = ("all", "routed")
+from pyeff.ddi.block import DDIBlock
+from pyeff.ddi.config import DDIConfig, EnergyModel
+from pyeff.ddi.costs import CostTable, build_table
+from pyeff.dynamic import straight_through
+from pyeff.dynamic.net import Controller, DynamicNet
 
 
 class ExitHead(nn.Module):
@@ -79,24 +77,22 @@ def _scale_grad(x: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(x, float(scale))
 
 
-def _stage_name(model: nn.Module, stage: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is stage)
-
-
-class _Controller:
-    """Per-forward state shared by the blocks of one DDINet (a plain object, not a module)."""
+class DDIController(Controller):
+    """Per-forward state shared by the blocks of one DDINet: the costs spent so far, the decisions
+    made, forced decisions, and the budget logic that tightens them."""
 
     def __init__(self, net: "DDINet"):
+        super().__init__()
         self.net = net
-        self.training = False
-        self.execution = "routed"       # or "masked": every path on every sample, then masks (papers' way)
         self.open = False               # every block executed with every channel (no gates consulted)
         self.forced_execute: Tensor | None = None   # [G] or [N, G] bool
         self.forced_channels: list | None = None    # per block: bool [N, width] or None
         self.reset(0, torch.device("cpu"))
 
     def reset(self, n: int, device) -> None:
-        self.net.gate.reset()
+        gate = getattr(self.net, "gate", None)  # (None while the net is being built)
+        if gate is not None:
+            gate.reset()
         self.spent: Tensor | float = 0.0     # [N] in table units, differentiable in training
         self.spent_exact = torch.zeros(n, dtype=torch.float64, device=device)  # for the budget
         self.execute: list[Tensor] = []
@@ -152,7 +148,7 @@ class _Controller:
         else:
             r = soft.mean(1)
         self._account(cb, execute, layer_w, r)
-        return blk.run(x, execute, layer_w, soft, hard, training, self._mode(), inplace=net.inplace_skip)
+        return blk.run(x, execute, layer_w, soft, hard, training, self._mode(), inplace=self.inplace_skip)
 
     def _mode(self) -> str:
         """Training in "all" mode runs both paths for every sample (each decision's logit gets the
@@ -188,7 +184,7 @@ class _Controller:
         if training or self.execution == "masked":
             return blk.run(x, execute, layer_w, soft, soft > 0.5, training, self._mode())
         return blk.run_width(x, torch.where(execute, choice + 1, torch.zeros_like(choice)),
-                             inplace=net.inplace_skip)
+                             inplace=self.inplace_skip)
 
     def _fit_budget_width(self, blk, cb, execute, choice):
         k_max = self._affordable(blk, cb)
@@ -225,82 +221,87 @@ class _Controller:
         return execute, hard
 
 
-class DDINet(nn.Module):
+class DDINet(DynamicNet):
     """A converted network. Attributes: `model` (its gated blocks wrapped in DDIBlocks), `gate`
-    (the shared layer gate), `exits` (early-exit heads), `table` (the CostTable of `cost`),
-    `budget` (None or a fraction of the dense cost) and `halt_stage`."""
+    (the shared layer gate), `exits` (early-exit heads), `config` (the DDIConfig it was built
+    from), `table` (the CostTable of `cost`), `budget` (None or a fraction of the dense cost) and
+    `halt_stage`."""
 
-    def __init__(self, model: nn.Module, cost: str = "flops", channel_gates: bool = True, layer_gates: bool = True,
-                 exits: bool = True, input_size: tuple = (3, 32, 32), gate_bias=(0.0, 2.0), energy=None,
-                 embed_dim: int = 10, hidden_dim: int = 10, channel_mode: str = "mask", widths=DEFAULT_WIDTHS,
-                 train_mode: str = "all", skip_downsampling: bool = False):
-        super().__init__()
+    method = "pyeff.ddi"
+    config_class = DDIConfig
+
+    def __init__(self, model: nn.Module, config: DDIConfig):
+        super().__init__(model, config)
         self.table: CostTable | None = None
-        if train_mode not in TRAIN_MODES:
-            raise ValueError(f"pyeff.ddi: train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
-        self.train_mode = train_mode
-        if cost not in UNITS:
-            raise ValueError(f"pyeff.ddi: cost must be one of {UNITS}, got {cost!r}")
-        stem, stages, head = _parts(model)
-        self.model = model
-        self.__dict__["parts"] = (stem, stages, head)  # views, not registered twice
-        found = []
-        for s_idx, stage in enumerate(stages):
-            for name, blk in find_blocks(stage, lambda m: block_kind(m) is not None):
-                found.append((s_idx, stage, name, blk))
+        stem, stages, _ = _parts(model)
+        stage_of = {id(m): s for s, stage in enumerate(stages) for m in stage.modules()}
+        found = [(n, b) for n, b in self._found() if id(b) in stage_of]
         if len(found) < 2:
-            raise TypeError(f"pyeff.ddi.convert: {type(model).__name__} has {len(found)} supported block(s); DDI "
-                            f"needs at least two (the first stays ungated). Supported: {SUPPORTED}")
-        if channel_gates and channel_mode == "width":
+            raise TypeError(f"pyeff.ddi.convert: {type(model).__name__} has {len(found)} registered block(s) in its "
+                            "stages; DDI needs at least two (the first stays static)")
+        if config.channel_gates and config.channel_mode == "width":
             from pyeff.ddi.prune import sort_inner_channels
             sort_inner_channels(model)  # a prefix of the inner channels = the most important ones
-        wrapped = []
-        for i, (s_idx, stage, name, blk) in enumerate(found[1:]):
-            d = DDIBlock(blk, index=i, stage=s_idx, channel_gate=channel_gates, channel_mode=channel_mode,
-                         widths=widths)
+        self._stage_of = [stage_of[id(b)] for _, b in found]
+        wrapped = self._install([n for n, _ in found], [b for _, b in found])
+        for d in wrapped:
             # a block with a projection shortcut changes the resolution or width: skipping it replaces
             # the block by a 1x1 conv, which costs accuracy out of proportion (measured); by default it
             # always runs (its inner channels stay gated), as ConvNet-AIG does
-            d.layer_gated = layer_gates and (skip_downsampling or not d.projection_shortcut)
-            replace_submodule(stage, name, d)
-            wrapped.append(d)
-        self.blocks = wrapped  # a plain list: the blocks are registered inside `model`
-        self.block_names = [f"{_stage_name(model, stage)}.{name}" for _, stage, name, _ in found[1:]]
-        self.layer_gates, self.channel_gates = layer_gates, channel_gates
-        self.channel_mode, self.widths = channel_mode, tuple(float(w) for w in widths)
-        self.gate = RecurrentGate([d.in_channels for d in wrapped], 2, embed_dim, hidden_dim, mode="argmax",
-                                  bias=gate_bias)
-        self._ctl = _Controller(self)
-        for d in wrapped:
-            d._ctl = self._ctl
+            d.layer_gated = config.layer_gates and (config.skip_downsampling or not d.projection_shortcut)
+        self.__dict__["parts"] = _parts(model)  # views, not registered twice (after the stem was wrapped)
+        stem, stages, head = self.parts
+        self.gate = self._make_gate(config.gate_bias, config.embed_dim, config.hidden_dim)
         # exit heads after every stage but the last (their sizes from a probe of the dense network)
         self.exits = nn.ModuleList()
-        self.input_size = tuple(input_size)
-        if exits:
+        self.input_size = tuple(config.input_size)
+        if config.exits:
             probe = torch.zeros(2, *self.input_size)
-            was = model.training
-            model.eval()
-            with torch.no_grad(), self.all_open():
+            with self.probing(), self.all_open():
                 h = stem(probe)
                 for stage in stages[:-1]:
                     h = stage(h)
                     self.exits.append(ExitHead(h.shape[1], self._num_classes(head), h.shape[-1]))
-            model.train(was)
+            self.exits.train(model.training)
         self.budget: float | None = None
         self.tighten = True
         self.halt_stage = len(stages) - 1
         self.collect_exits = False
-        # inference: blocks with an identity shortcut write their executed samples into their input
-        # (an activation of this forward); set False if the model reuses a block's input elsewhere
-        self.inplace_skip = True
         # inference on the CPU: the stem and the ungated first block run channels_last (oneDNN is
         # 2-4x faster there at 16 channels than on NCHW, measured); the first gated block turns the
         # activation back to NCHW, the layout of pyeff's masked kernels
         self.stem_channels_last = True
-        self.cost_unit = cost
-        self.energy = energy
-        self.table = self.measure_costs(cost, energy=energy)
+        self.cost_unit = config.cost
+        self.energy = config.energy
+        self.table = self.measure_costs(config.cost, energy=config.energy)
         self.budget_exits: dict | None = None  # budget -> best exit, from tune_budget
+
+    def _make_controller(self):
+        return DDIController(self)
+
+    def _wrap(self, block: nn.Module, index: int) -> DDIBlock:
+        c = self.config
+        return DDIBlock(block, index=index, stage=self._stage_of[index + 1], channel_gate=c.channel_gates,
+                        channel_mode=c.channel_mode, widths=c.widths)
+
+    def _num_choices(self) -> int:
+        return 2
+
+    @property
+    def layer_gates(self) -> bool:
+        return self.config.layer_gates
+
+    @property
+    def channel_gates(self) -> bool:
+        return self.config.channel_gates
+
+    @property
+    def channel_mode(self) -> str:
+        return self.config.channel_mode
+
+    @property
+    def widths(self) -> tuple:
+        return self.config.widths
 
     @staticmethod
     def _num_classes(head: nn.Module) -> int:
@@ -318,24 +319,17 @@ class DDINet(nn.Module):
         if x is None:
             x = torch.randn(batch if unit == "latency" else 1, *self.input_size,
                             device=next(self.parameters()).device)
-        self.table = build_table(self, x, unit, energy or self.energy)
+        self._check_input(x)
+        with self.probing():  # measuring changes no BatchNorm statistics (nor works on a batch of 1)
+            self.table = build_table(self, x, unit, energy or self.energy)
+        self.input_size = tuple(x.shape[1:])
         self.cost_unit = unit
         return self.table
 
     @contextlib.contextmanager
-    def execution(self, mode: str):
-        """"routed" (default: only the chosen blocks and channels run) or "masked" (every block on
-        every sample with dense convs, then the decisions applied as masks: the papers' execution,
-        for comparison; the outputs are the same)."""
-        if mode not in ("routed", "masked"):
-            raise ValueError(f"execution must be 'routed' or 'masked', got {mode!r}")
-        with swapped(self._ctl, execution=mode):
-            yield self
-
-    @contextlib.contextmanager
     def all_open(self):
         """Every block executes with every channel (the dense network; gates are not consulted)."""
-        with swapped(self._ctl, open=True):
+        with self._forcing(open=True):
             yield self
 
     @torch.no_grad()
@@ -352,8 +346,11 @@ class DDINet(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor):
-        if x.dim() != 4:
-            raise ValueError(f"pyeff.ddi: expected an image batch [N, C, H, W], got shape {tuple(x.shape)}")
+        self._check_input(x)
+        if tuple(x.shape[1:]) != self.input_size:
+            raise ValueError(f"pyeff.ddi: this net's cost table is for inputs of size {self.input_size} (C, H, W), "
+                             f"got {tuple(x.shape[1:])}; convert with input_size={tuple(x.shape[1:])} or call "
+                             "net.measure_costs(x=a_batch) to re-cost it")
         stem, stages, head = self.parts
         ctl, t = self._ctl, self.table
         ctl.reset(x.shape[0], x.device)
@@ -493,7 +490,7 @@ class DDINet(nn.Module):
                 elif m.dtype != torch.bool or m.dim() != 2 or m.shape[1] != blk.width:
                     raise ValueError(f"channels[{blk.index}] must be bool [N, {blk.width}], got {m.dtype} "
                                      f"{tuple(m.shape)}")
-        with swapped(self._ctl, forced_execute=execute, forced_channels=channels):
+        with self._forcing(forced_execute=execute, forced_channels=channels):
             yield self
 
     # -- parameters and statistics ------------------------------------------------------------
@@ -503,66 +500,46 @@ class DDINet(nn.Module):
             if b.channel_gate is not None:
                 yield from b.channel_gate.parameters()
 
-    @torch.no_grad()
-    def evaluate(self, loader) -> dict:
-        """Accuracy, mean and max cost % (per sample), execution rate and mean channel fraction per
-        gated block, over `loader` (batches of (x, y))."""
-        was = self.training
-        self.eval()
+    # evaluate(loader) (the base's): accuracy, mean and max cost %, and per gated block the
+    # execution rate and the mean channel fraction of the samples that executed it
+    def _stats_begin(self):
         G = len(self.blocks)
-        execs, chans = torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
-        n = correct = 0
-        cost_sum, cost_max = 0.0, 0.0
-        try:
-            for batch in loader:
-                x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-                logits, aux = self(x)
-                c = aux["cost"].double()
-                cost_sum += float(c.sum())
-                cost_max = max(cost_max, float(c.max()))
-                execs += aux["execute"].double().sum(0).cpu()
-                chans += aux["channels"].double().sum(0).cpu()
-                n += x.shape[0]
-                if y is not None:
-                    correct += int((logits.argmax(1) == y.to(logits.device)).sum())
-        finally:
-            self.train(was)
-        n = max(n, 1)
-        executed = torch.clamp(execs, min=1)
-        return {"accuracy": correct / n, "cost_pct": 100 * cost_sum / n, "max_cost_pct": 100 * cost_max,
-                "execute_rate": (execs / n).tolist(), "channel_fraction": (chans / executed).tolist(),
-                "samples": n, "unit": self.table.unit, "budget": self.budget, "halt_stage": self.halt_stage}
+        return torch.zeros(G, dtype=torch.float64), torch.zeros(G, dtype=torch.float64)
+
+    def _stats_batch(self, acc, aux: dict) -> None:
+        acc[0].add_(aux["execute"].double().sum(0).cpu())
+        acc[1].add_(aux["channels"].double().sum(0).cpu())
+
+    def _stats_end(self, acc, n: int) -> dict:
+        execs, chans = acc
+        return {"execute_rate": (execs / n).tolist(), "channel_fraction": (chans / torch.clamp(execs, min=1)).tolist(),
+                "unit": self.table.unit, "budget": self.budget, "halt_stage": self.halt_stage}
 
 
-def convert(model: nn.Module, cost: str = "flops", *, channel_gates: bool = True, layer_gates: bool = True,
-            exits: bool = True, input_size: tuple = (3, 32, 32), copy_model: bool = True, energy=None,
-            gate_bias=(0.0, 2.0), channel_mode: str = "mask", widths=DEFAULT_WIDTHS, train_mode: str = "all",
-            skip_downsampling: bool = False) -> DDINet:
+def convert(model: nn.Module, config: DDIConfig | None = None, *, copy_model: bool = True, **overrides) -> DDINet:
     """Give `model` DDI's layer gates, channel gates and early exits.
 
     Args:
-        model: a pyeff CIFAR ResNet / pre-activation ResNet / DenseNet, or a torchvision ResNet.
-        cost: the cost the hinge and the budget use: "flops", "energy" (pyeff.ddi.EnergyModel unit
-            costs, `energy=`) or "latency" (timed on this machine; re-time with `measure_costs`).
-        channel_gates / layer_gates / exits: switch a kind of dynamic inference off (e.g. layer
-            skipping only: channel_gates=False).
-        input_size: (C, H, W) of one input, to size the exits and the cost table.
-        gate_bias: initial (skip, execute) logit bias of the layer gate (default: execute).
-        channel_mode: "mask" (DDI's per-channel gate, any subset per sample, run by masked_conv2d) or
-            "width" (a per-sample choice among `widths`: the most important k inner channels run as
-            dense convs on sliced weights; faster where oneDNN/cuDNN beat the masked kernel). Width
-            mode reorders the inner channels by importance (the function is unchanged).
-        train_mode: "all" (every block on every sample in training, then the straight-through
-            one-hot: each layer decision's logit gets the gradient of its own path, as DFS and the
-            papers train) or "routed" (only the chosen samples run a block: cheaper, but the gate
-            only sees the gradient of the path it took).
-        skip_downsampling: also give a layer gate to blocks with a projection shortcut (they change
-            resolution or width; by default they always run, their inner channels still gated).
+        model: a network with stages of registered blocks: pyeff's CIFAR ResNets / pre-activation
+            ResNets / DenseNets (stem, stages(), head), a torchvision ResNet, or your own blocks
+            registered with pyeff.dynamic.register_block in such a network.
+        config: a DDIConfig (default: DDIConfig()); `overrides` replace its fields, e.g.
+            convert(model, cost="energy", channel_mode="width"). See DDIConfig for each field.
+        copy_model: convert a deep copy (default) rather than `model` itself.
+
+    The converted net is in the model's mode (train or eval). Sizing the exits and building the
+    cost table run forwards in eval mode without autograd: conversion changes no BatchNorm
+    statistics.
     """
+    if config is None:
+        config = DDIConfig(**overrides)
+    elif not isinstance(config, DDIConfig):
+        raise TypeError(f"pyeff.ddi.convert: config must be a DDIConfig, got {type(config).__name__}"
+                        + (" (give the cost as convert(model, cost=...))" if isinstance(config, str) else ""))
+    elif overrides:
+        config = config.replace(**overrides)
     if not isinstance(model, nn.Module):
         raise TypeError(f"pyeff.ddi.convert expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, DDINet):
-        raise TypeError("pyeff.ddi.convert: the model is already a DDINet")
-    return DDINet(copy.deepcopy(model) if copy_model else model, cost, channel_gates, layer_gates, exits, input_size,
-                  gate_bias, energy, channel_mode=channel_mode, widths=widths, train_mode=train_mode,
-                  skip_downsampling=skip_downsampling)
+    was = model.training
+    net = DDINet(copy.deepcopy(model) if copy_model else model, config)
+    return net.train(was)

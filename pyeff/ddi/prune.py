@@ -13,36 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from pyeff.dynamic import module_flops
-from pyeff.dynamic.modules import find_blocks
-
-# per block type: (attribute, dimension of the inner channels) of every module that holds them
-_PLANS = {
-    "BasicBlock": (("conv1", 0), ("bn1", 0), ("conv2", 1)),
-    "PreActBlock": (("conv1", 0), ("bn2", 0), ("conv2", 1)),
-    "DenseLayer": (("conv1", 0), ("bn2", 0), ("conv2", 1)),
-}
-_TV_PLANS = {
-    "BasicBlock": (("conv1", 0), ("bn1", 0), ("conv2", 1)),
-    "Bottleneck": (("conv1", 0), ("bn1", 0), ("conv2", 1), ("conv2", 0), ("bn2", 0), ("conv3", 1)),
-}
-
-
-def _plan(block: nn.Module):
-    from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
-    from pyeff.models.densenet import DenseLayer
-
-    for cls in (BasicBlock, PreActBlock, DenseLayer):
-        if type(block) is cls:
-            return _PLANS[cls.__name__]
-    try:
-        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
-    except ImportError:
-        return None
-    for cls in (TVBasic, TVBottleneck):
-        if type(block) is cls:
-            return _TV_PLANS[cls.__name__]
-    return None
+from pyeff.dynamic import block_spec, module_flops
+from pyeff.dynamic.blocks import find_supported, supported_blocks
 
 
 def _slice_conv(conv: nn.Conv2d, idx: torch.Tensor, dim: int) -> nn.Conv2d:
@@ -73,16 +45,16 @@ def prune_inner_channels(model: nn.Module, keep: float) -> nn.Module:
     if not 0 < keep <= 1:
         raise ValueError(f"keep is the fraction of inner channels to keep, in (0, 1], got {keep}")
     model = copy.deepcopy(model)
-    blocks = find_blocks(model, lambda m: _plan(m) is not None)
+    blocks = find_supported(model)
     if not blocks:
-        raise TypeError(f"prune_inner_channels: {type(model).__name__} has no supported block (pyeff BasicBlock, "
-                        "PreActBlock, DenseLayer; torchvision BasicBlock, Bottleneck)")
+        raise TypeError(f"prune_inner_channels: {type(model).__name__} has no registered block (registered: "
+                        f"{', '.join(supported_blocks())}; add yours with pyeff.dynamic.register_block)")
     for _, blk in blocks:
-        plan = _plan(blk)
-        width = blk.conv1.out_channels
+        spec = block_spec(blk)
+        width = spec.inner_width(blk)
         k = max(1, int(round(keep * width)))
         idx = _importance(blk).argsort(descending=True)[:k].sort().values
-        for attr, dim in plan:
+        for attr, dim in spec.inner_params():
             m = getattr(blk, attr)
             new = _slice_bn(m, idx) if isinstance(m, nn.BatchNorm2d) else _slice_conv(m, idx, dim)
             setattr(blk, attr, new.train(m.training).to(m.weight.device))
@@ -92,7 +64,8 @@ def prune_inner_channels(model: nn.Module, keep: float) -> nn.Module:
 
 
 def _importance(blk: nn.Module) -> torch.Tensor:
-    return blk.conv1.weight.detach().abs().flatten(1).sum(1)
+    """L1 norm of each inner channel's filter in the block's first conv."""
+    return block_spec(blk).conv(blk, 0).weight.detach().abs().flatten(1).sum(1)
 
 
 @torch.no_grad()
@@ -100,9 +73,9 @@ def sort_inner_channels(model: nn.Module) -> nn.Module:
     """In place, reorder every supported block's inner channels by importance (L1 norm of the first
     conv's filters, largest first). The function is unchanged; afterwards a prefix of the inner
     channels is the most important subset of its size (what DDI's width mode runs)."""
-    for _, blk in find_blocks(model, lambda m: _plan(m) is not None):
+    for _, blk in find_supported(model):
         perm = _importance(blk).argsort(descending=True)
-        for attr, dim in _plan(blk):
+        for attr, dim in block_spec(blk).inner_params():
             m = getattr(blk, attr)
             if isinstance(m, nn.BatchNorm2d):
                 for t in (m.weight, m.bias, m.running_mean, m.running_var):

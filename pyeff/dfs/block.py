@@ -37,64 +37,25 @@ per-call min-max of the engine; `DFSNet.calibrate` fills the ranges without trai
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyeff.dfs.config import FULL, TRAIN_MODES, check_bits
 from pyeff.dynamic import masked_all_paths, route
-from pyeff.dynamic.modules import add_relu_, bn_affine, bn_foldable, fold_bn, identity_shortcut, relu_
+from pyeff.dynamic.modules import bn_affine, bn_foldable, relu_
+from pyeff.dynamic.net import Controller, DynamicBlock
+try:  # TEMP until pyeff.nn has it
+    from pyeff.nn import quant_conv2d_of
+except ImportError:
+    from pyeff.ops.quant_conv import quant_conv2d as _qc
+
+    def quant_conv2d_of(conv, x, *, w_bits, a_bits, a_range=None, bias=None, out_scale=None, relu=False):
+        return _qc(x, conv.weight, conv.bias if bias is None else bias, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, w_bits=w_bits, a_bits=a_bits, a_range=a_range, out_scale=out_scale, relu=relu)
 from pyeff.ops import fake_quant
-from pyeff.ops.quant_conv import quant_conv2d
-
-FULL = 32
-TRAIN_MODES = ("all", "routed")
-
-
-def check_bits(bits) -> tuple[int, ...]:
-    """Validate a DFS bit set: integers, 0 = skip, 2..16 = quantised, 32 = full precision; at least
-    two distinct choices, not skip alone. Returns them sorted ascending."""
-    try:
-        items = list(bits)
-    except TypeError:
-        raise TypeError(f"pyeff.dfs: bits must be a sequence of integers such as (0, 8, 16, 32), got {bits!r}") from None
-    for b in items:
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-            raise TypeError(f"pyeff.dfs: every bit width must be an integer (0 = skip, 2-16, 32 = full "
-                            f"precision), got {b!r} in {tuple(items)}")
-    items = [int(b) for b in items]
-    bad = [b for b in items if not (b == 0 or b == FULL or 2 <= b <= 16)]
-    if bad:
-        raise ValueError(f"pyeff.dfs: bit widths {bad} are not supported; use 0 (skip), 2-16 (the integer "
-                         "engine, 9-16 as int8 slices) or 32 (full precision)")
-    dup = sorted({b for b in items if items.count(b) > 1})
-    if dup:
-        raise ValueError(f"pyeff.dfs: duplicate bit widths {dup} in {tuple(items)}")
-    if len(items) < 2:
-        raise ValueError(f"pyeff.dfs: a gate needs at least two choices, got {tuple(items)} "
-                         "(e.g. (0, 32) for skip-or-full, or (0, 8, 16, 32))")
-    return tuple(sorted(items))
-
-
-# --------------------------------------------------------------------------------------------
-# block kinds: the residual branch as a function of a conv runner, the shortcut, the combination.
-# conv(i, module, x, bn=None, relu=False) runs conv i, then its BatchNorm and ReLU (fused into the
-# conv at inference).
-
-def _basic_residual(b, x, conv):  # pyeff BasicBlock, torchvision BasicBlock
-    return conv(1, b.conv2, conv(0, b.conv1, x, b.bn1, True), b.bn2)
-
-
-def _preact_residual(b, x, conv):  # pyeff PreActBlock
-    return conv(1, b.conv2, conv(0, b.conv1, relu_(b.bn1(x)), b.bn2, True))
-
-
-def _bottleneck_residual(b, x, conv):  # torchvision Bottleneck
-    out = conv(0, b.conv1, x, b.bn1, True)
-    out = conv(1, b.conv2, out, b.bn2, True)
-    return conv(2, b.conv3, out, b.bn3)
 
 
 def _bn_relu(y: Tensor, bn, relu: bool) -> Tensor:
@@ -103,107 +64,52 @@ def _bn_relu(y: Tensor, bn, relu: bool) -> Tensor:
     return relu_(y) if relu else y
 
 
-def folded_conv(i: int, m: nn.Conv2d, x: Tensor, bn=None, relu: bool = False) -> Tensor:
-    """The conv runner at full precision: an eval BN folded into the conv, ReLU in place."""
-    if bn is not None and bn_foldable(bn):
-        w, b = fold_bn(m, bn)
-        return _bn_relu(F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups), None, relu)
-    return _bn_relu(m(x), bn, relu)
+class DFSController(Controller):
+    """What the blocks of one DFSNet share during a forward: the gate, the choice costs, the
+    decisions made so far and optional forced decisions."""
 
-
-def run_full(block: nn.Module, x: Tensor, kind) -> Tensor:
-    """A supported residual block at full precision with `folded_conv` (kind: block_kind(block))."""
-    residual, shortcut, post, _ = kind
-    return post(residual(block, x, folded_conv), shortcut(block, x))
-
-
-def _pyeff_shortcut(b, x):
-    return b.shortcut(x)
-
-
-def _tv_shortcut(b, x):
-    return x if b.downsample is None else b.downsample(x)
-
-
-def _add(r, s):
-    return r + s
-
-
-def block_kind(block: nn.Module):
-    """(residual_fn, shortcut_fn, post_fn, number of convs) for a supported residual block, or
-    None when `block` is not one."""
-    from pyeff.models.cifar_resnet import BasicBlock, PreActBlock
-
-    if isinstance(block, BasicBlock):
-        return _basic_residual, _pyeff_shortcut, add_relu_, 2
-    if isinstance(block, PreActBlock):
-        return _preact_residual, _pyeff_shortcut, _add, 2
-    try:
-        from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck as TVBottleneck
-    except ImportError:  # torchvision is optional
-        return None
-    if isinstance(block, TVBasic):
-        return _basic_residual, _tv_shortcut, add_relu_, 2
-    if isinstance(block, TVBottleneck):
-        return _bottleneck_residual, _tv_shortcut, add_relu_, 3
-    return None
-
-
-class _Controller:
-    """What the blocks of one DFSNet share during a forward: the gate, the cost meter, the
-    decisions made so far and optional forced decisions. Held by plain reference (not a module)."""
-
-    def __init__(self, gate, costs: Tensor):
+    def __init__(self, gate=None, costs: Tensor | None = None):
+        super().__init__()
         self.gate, self.costs = gate, costs
-        self.training = False
         self.observe = False        # record activation ranges (training, calibration)
         self.momentum: float | None = 0.1  # None: cumulative average (calibration)
         self.forced: Tensor | None = None  # [N, G] or [G] choice indices
-        self.execution = "routed"   # eval: "routed" (only the chosen path) or "masked" (all, then mask)
-        self.inplace_skip = True    # eval: identity-skip blocks write into their input (see DFSNet)
-        self.channels_last = False  # eval: the gated blocks' activation layout (a bool: picklable)
-        self.reset()
-
-    def reset(self):
-        self.gate.reset()
         self.block_costs: list[Tensor] = []
         self.decisions: list[Tensor] = []
 
+    def reset(self):
+        if self.gate is not None:
+            self.gate.reset()
+        self.block_costs = []
+        self.decisions = []
 
-class DFSBlock(nn.Module):
-    """Wraps a residual block (kept as `self.block`, parameters shared) with a choice per bit width.
+
+class DFSBlock(DynamicBlock):
+    """Wraps a registered block (kept as `self.block`, parameters shared) with a choice per bit width.
 
     Args:
-        block: a pyeff BasicBlock / PreActBlock or a torchvision BasicBlock / Bottleneck.
+        block: a block type registered in pyeff.dynamic (pyeff BasicBlock / PreActBlock /
+            DenseLayer, torchvision BasicBlock / Bottleneck, or your own).
         bits: the choices (validated by `check_bits`), e.g. (0, 8, 10, 12, 14, 16, 32).
         index: this block's position among the gated blocks (the gate's step).
         train_mode: "all" (paper-exact) or "routed" (see the module docstring).
     """
 
     def __init__(self, block: nn.Module, bits: Sequence[int], index: int = 0, train_mode: str = "all"):
-        super().__init__()
-        kind = block_kind(block)
-        if kind is None:
-            raise TypeError(f"pyeff.dfs: {type(block).__name__} is not a supported residual block "
-                            "(pyeff BasicBlock/PreActBlock, torchvision BasicBlock/Bottleneck)")
+        super().__init__(block, index, "pyeff.dfs")
         if train_mode not in TRAIN_MODES:
             raise ValueError(f"pyeff.dfs: train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
-        self.block = block
         self.bits = check_bits(bits)
-        self.index, self.train_mode = index, train_mode
-        self._residual, self._shortcut, self._post, nconv = kind
+        self.train_mode = train_mode
+        nconv = len(self.spec.convs)
         self.register_buffer("act_range", torch.full((nconv, 2), float("nan")))
         self.register_buffer("act_count", torch.zeros(nconv, dtype=torch.int64))
-        self._ctl: _Controller | None = None
+        self._ctl: DFSController | None = None
         # skip = identity: at inference the other groups are written into the block's input in place
-        self._skip_inplace = 0 if self.bits[0] == 0 and identity_shortcut(block) else None
+        self._skip_inplace = 0 if self.bits[0] == 0 and self.spec.identity_shortcut(block) else None
 
     def extra_repr(self) -> str:
         return f"index={self.index}, bits={self.bits}, train_mode={self.train_mode!r}"
-
-    @property
-    def in_channels(self) -> int:
-        return self.block.conv1.in_channels
 
     # -- activation ranges --------------------------------------------------------------------
     def _observe(self, i: int, x: Tensor, momentum) -> tuple[float, float]:
@@ -223,12 +129,9 @@ class DFSBlock(nn.Module):
     def _quant_eval(self, i: int, conv: nn.Conv2d, x: Tensor, b: int, bn, relu: bool) -> Tensor:
         lo, hi = self.act_range[i].tolist()
         kw = dict(w_bits=b, a_bits=b)
-        if bn is not None and bn_foldable(bn):  # BN (and ReLU) in the engine's epilogue
-            kw["out_scale"], bias = bn_affine(bn, conv.bias)
+        if bn is not None and self._folding() and bn_foldable(bn):  # BN (and ReLU) in the engine's epilogue
+            kw["out_scale"], kw["bias"] = bn_affine(bn, conv.bias)
             kw["relu"], bn, relu = relu, None, False
-        else:
-            bias = conv.bias
-        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if lo == lo:
             # the running range as the quantiser's range: values outside saturate, exactly as if x
             # were clipped to it first (what the paper does), with no clip copy and no min-max
@@ -238,24 +141,25 @@ class DFSBlock(nn.Module):
                 x = x.clamp(lo, hi)
             kw["a_range"] = (lo, hi)
         # (never observed: the engine's per-call min-max)
-        return _bn_relu(quant_conv2d(x, conv.weight, bias, *args, **kw), bn, relu)
+        return _bn_relu(quant_conv2d_of(conv, x, **kw), bn, relu)
 
     # -- the paths ----------------------------------------------------------------------------
     def _conv_runner(self, bits: int, impl: str) -> Callable:
         ctl = self._ctl
         observe = ctl is not None and ctl.observe
         momentum = ctl.momentum if ctl is not None else 0.1
+        spec, blk = self.spec, self.block
 
-        def conv(i, m, x, bn=None, relu=False):
+        def conv(i, x):
             if bits == FULL:
                 if observe:
                     self._observe(i, x, momentum)
-                return folded_conv(i, m, x, bn, relu)
+                return self.folded_conv(i, x)
+            m, bn, relu = spec.conv(blk, i), spec.bn(blk, i), spec.convs[i].relu
             if impl == "engine":
                 if observe:
                     self._observe(i, x, momentum)
-                    return _bn_relu(quant_conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
-                                                 w_bits=bits, a_bits=bits), bn, relu)
+                    return _bn_relu(quant_conv2d_of(m, x, w_bits=bits, a_bits=bits), bn, relu)
                 return self._quant_eval(i, m, x, bits, bn, relu)
             # "fake": fake-quantised float conv with straight-through gradients (training)
             if observe:
@@ -272,20 +176,25 @@ class DFSBlock(nn.Module):
     def residual(self, x: Tensor, bits: int, impl: str = "engine") -> Tensor:
         """The residual branch at `bits` (32: float). impl: "engine" (integer arithmetic) or
         "fake" (fake-quantised float, straight-through; what training uses)."""
-        return self._residual(self.block, x, self._conv_runner(bits, impl))
+        return self.spec.residual(self.block, x, self._conv_runner(bits, impl))
 
     def shortcut(self, x: Tensor) -> Tensor:
-        return self._shortcut(self.block, x)
+        """The shortcut's output (what the residual branch is combined with)."""
+        return self.spec.shortcut_out(self.block, x)
 
     def paths(self, impl: str = "engine", shortcut: Tensor | None = None) -> list[Callable]:
         """One callable per choice mapping a (sub-)batch to this block's output. With `shortcut`
         given (the shortcut of the whole batch), the paths reuse it: for masked execution only."""
+        spec, blk = self.spec, self.block
+        combine = spec.combine_fn()
+        concat = spec.combine == "concat"
+
         def make(b):
             def path(x):
+                if b == 0 and (shortcut is None or concat):
+                    return spec.skip(blk, x)
                 s = shortcut if shortcut is not None else self.shortcut(x)
-                if b == 0:
-                    return s
-                return self._post(self.residual(x, b, impl), s)
+                return s if b == 0 else combine(self.residual(x, b, impl), s)
             return path
         return [make(b) for b in self.bits]
 

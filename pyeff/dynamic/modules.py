@@ -1,6 +1,6 @@
 """Module plumbing shared by the dynamic methods (DFS, DDI): finding and replacing the blocks they
-wrap, telling an identity shortcut from a projection, switching a controller's state for the
-length of a `with`, the in-place ReLU / residual add of inference and BatchNorm folding."""
+wrap, switching a controller's state for the length of a `with`, the in-place ReLU / residual add
+of inference and BatchNorm folding."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pyeff.ops.packs import packs_of
 
 
 def find_blocks(model: nn.Module, is_block: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
@@ -26,16 +28,6 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def identity_shortcut(block: nn.Module) -> bool:
-    """Whether a residual block's shortcut is the identity (pyeff's `shortcut`, torchvision's
-    `downsample`); False for a block without either (e.g. a DenseNet layer)."""
-    for attr in ("shortcut", "downsample"):
-        if hasattr(block, attr):
-            sc = getattr(block, attr)
-            return sc is None or isinstance(sc, nn.Identity)
-    return False
 
 
 @contextlib.contextmanager
@@ -75,22 +67,10 @@ def bn_foldable(bn: nn.Module) -> bool:
             and bn.running_var is not None and not torch.is_grad_enabled())
 
 
-def _cached(owner: nn.Module, slot: str, tensors, extra, build):
-    """build() once per identity and in-place version of `tensors` (an optimizer step or a
-    load_state_dict bumps the version), cached on `owner`."""
-    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors) + extra
-    hit = owner.__dict__.get(slot)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = build()
-    owner.__dict__[slot] = (key, value)
-    return value
-
-
 @torch.no_grad()
 def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(scale, shift) with bn(y + conv_bias) == y * scale + shift per channel, for an eval-mode
-    BN; cached until a tensor involved changes."""
+    BN; kept on the BN (pyeff.ops.packs) until a tensor involved changes."""
     tensors = (conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
     def build():
@@ -101,34 +81,19 @@ def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tens
         if bn.bias is not None:
             shift = shift + bn.bias
         return scale, shift
-    return _cached(bn, "_pyeff_affine", tensors, (bn.eps,), build)
+    return packs_of(bn).get(("bn-affine", bn.eps), tensors, build)
 
 
 @torch.no_grad()
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(weight, bias) of the one conv equal to conv followed by the eval-mode `bn`; cached on the
-    conv until a tensor involved changes."""
+    conv (pyeff.ops.packs) until a tensor involved changes."""
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
     def build():
         scale, shift = bn_affine(bn, conv.bias)
         return conv.weight * scale.view(-1, 1, 1, 1), shift
-    return _cached(conv, "_pyeff_folded", tensors, (bn.eps,), build)
-
-
-class FusedInference:
-    """Set as a module's `forward` (an instance attribute: parameters, state_dict and the class are
-    unchanged): at inference without autograd it runs `fused(module, x)` (BN folded, ReLU in
-    place), otherwise the class's own forward. Picklable and deep-copyable with its module."""
-
-    def __init__(self, module: nn.Module, fused: Callable[[nn.Module, Tensor], Tensor]):
-        self.module, self.fused = module, fused
-
-    def __call__(self, x: Tensor) -> Tensor:
-        m = self.module
-        if m.training or torch.is_grad_enabled():
-            return type(m).forward(m, x)
-        return self.fused(m, x)
+    return packs_of(conv).get(("bn-folded", id(bn), bn.eps), tensors, build)
 
 
 def fused_sequential(seq: nn.Sequential, x: Tensor) -> Tensor:

@@ -1,0 +1,231 @@
+"""The one dynamic-network core: the block registry (a user's own block type works in DFS, DDI and
+the pruner after one registration), the DynamicNet base (no patched forwards, conversion trains
+nothing, pickling, old checkpoint keys), and derived weights that never go stale."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyeff.ddi
+import pyeff.dfs
+from pyeff.ddi.prune import prune_inner_channels, sort_inner_channels
+from pyeff.dynamic import Conv, block_spec, register_block, unregister_block
+from pyeff.models import create_model
+
+torch.set_num_threads(1)
+
+
+class MyBlock(nn.Module):
+    """A user's residual block with its own attribute names: conv-BN-ReLU-conv-BN + projection."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv_a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm_a = nn.BatchNorm2d(cout)
+        self.conv_b = nn.Conv2d(cout, cout, 3, 1, 1, bias=True)
+        self.norm_b = nn.BatchNorm2d(cout)
+        self.proj = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride)
+
+    def forward(self, x):
+        s = x if self.proj is None else self.proj(x)
+        return F.relu(self.norm_b(self.conv_b(F.relu(self.norm_a(self.conv_a(x))))) + s)
+
+
+class MyNet(nn.Module):
+    """stem -> stages() -> head, the layout DDI's exits need."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(MyBlock(8, 8), MyBlock(8, 8))
+        self.layer2 = nn.Sequential(MyBlock(8, 16, 2), MyBlock(16, 16))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def stages(self):
+        return [self.layer1, self.layer2]
+
+    def forward(self, x):
+        x = self.stem(x)
+        for s in self.stages():
+            x = s(x)
+        return self.head(x)
+
+
+def _randomised(m, g):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
+    return m.eval()
+
+
+@pytest.fixture
+def my_block():
+    register_block(MyBlock, convs=[Conv("conv_a", bn="norm_a", relu=True), Conv("conv_b", bn="norm_b")],
+                   shortcut="proj", combine="add_relu")
+    yield MyBlock
+    unregister_block(MyBlock)
+
+
+def test_unregistered_block_is_a_clear_error(rng):
+    with pytest.raises(TypeError, match="register_block"):
+        pyeff.dfs.convert(MyNet(), bits=(0, 32))
+
+
+def test_registered_block_runs_in_dfs(my_block, rng):
+    base = _randomised(MyNet(), rng)
+    x = torch.randn(5, 3, 12, 12, generator=rng)
+    net = pyeff.dfs.convert(base, bits=(0, 8, 32)).eval()
+    assert len(net.blocks) == 3
+    with torch.no_grad():
+        want = base(x)
+        with net.forced([2] * 3):  # full precision everywhere: the plain network
+            torch.testing.assert_close(net(x)[0], want, rtol=1e-4, atol=1e-4)
+        net.calibrate([x])
+        d = torch.randint(0, 3, (5, 3), generator=rng)
+        with net.forced(d):
+            routed = net(x)[0]
+            with net.execution("masked"):
+                masked = net(x)[0]
+    torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_registered_block_runs_in_ddi_and_the_pruner(my_block, rng):
+    base = _randomised(MyNet(), rng)
+    x = torch.randn(4, 3, 12, 12, generator=rng)
+    net = pyeff.ddi.convert(base, input_size=(3, 12, 12)).eval()
+    assert len(net.blocks) == 3 and len(net.exits) == 1
+    with torch.no_grad(), net.all_open():
+        torch.testing.assert_close(net(x)[0], base(x), rtol=1e-4, atol=1e-4)
+    ex = torch.rand(4, 3, generator=rng) < 0.6
+    ch = [torch.rand(4, b.width, generator=rng) < 0.5 for b in net.blocks]
+    with torch.no_grad(), net.forced(execute=ex, channels=ch):
+        routed = net(x)[0]
+        with net.execution("masked"):
+            masked = net(x)[0]
+    torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
+    slim = prune_inner_channels(base, 0.5)
+    assert slim.layer1[1].conv_a.out_channels == 4 and slim.layer1[1].conv_b.in_channels == 4
+    assert slim.layer1[1].norm_a.num_features == 4
+    slim(x)
+    with torch.no_grad():
+        torch.testing.assert_close(sort_inner_channels(copy.deepcopy(base))(x), base(x), rtol=1e-4, atol=1e-4)
+
+
+def test_register_block_checks_its_input():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_block(int, convs=[Conv("a")])
+    with pytest.raises(TypeError, match="non-empty"):
+        register_block(MyBlock, convs=[])
+    with pytest.raises(ValueError, match="combine"):
+        register_block(MyBlock, convs=[Conv("conv_a")], combine="mul")
+    register_block(MyBlock, convs=[Conv("conv_a", bn="proj"), Conv("conv_b")], shortcut="proj")
+    try:  # a description that does not fit the module is an error at conversion
+        with pytest.raises(TypeError, match="BatchNorm2d"):
+            pyeff.dfs.DFSBlock(MyBlock(4, 8), (0, 32))
+    finally:
+        unregister_block(MyBlock)
+    assert block_spec(MyBlock(4, 4)) is None
+
+
+@pytest.mark.parametrize("method", ["dfs", "ddi"])
+def test_conversion_patches_no_forward_and_trains_nothing(method, rng):
+    base = create_model("resnet20", num_classes=5).train()
+    before = copy.deepcopy(base.state_dict())
+    mod = getattr(pyeff, method)
+    net = mod.convert(base, copy_model=False)
+    assert net.training  # the model's mode is kept
+    assert not any("forward" in m.__dict__ for m in net.modules())
+    after = {k.replace(".block.", "."): v for k, v in net.model.state_dict().items()}
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # no BatchNorm statistic moved
+
+
+def test_ddi_converts_torchvision_resnet_in_train_mode(rng):
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.resnet18(num_classes=10).train()
+    net = pyeff.ddi.convert(m, cost="energy")  # sizing the exits used to run a batch of 1 in train mode
+    assert net.training and len(net.blocks) == 7
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32, generator=rng))[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", ["dfs", "ddi"])
+def test_whole_net_pickles_and_reloads_old_keys(method, rng):
+    base = _randomised(create_model("resnet20", num_classes=5), rng)
+    mod = getattr(pyeff, method)
+    net = mod.convert(base).eval()
+    x = torch.randn(3, 3, 16 if method == "dfs" else 32, 16 if method == "dfs" else 32, generator=rng)
+    if method == "dfs":
+        net.calibrate([x])
+    with torch.no_grad():
+        want = net(x)[0]
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], want)
+    # a checkpoint written before the static first block was wrapped
+    sd = {k.replace("model.layer1.0.block.", "model.layer1.0."): v for k, v in net.state_dict().items()}
+    assert any(k.startswith("model.layer1.0.conv1") for k in sd)
+    fresh = mod.convert(base)
+    fresh.load_state_dict(sd)
+    assert pickle.loads(pickle.dumps(net.config)) == net.config
+
+
+def test_to_dense_is_the_plain_network(rng):
+    base = _randomised(create_model("resnet20", num_classes=5), rng)
+    net = pyeff.dfs.convert(base, bits=(0, 32))
+    dense = net.to_dense()
+    assert type(dense.layer2[1]) is type(base.layer2[1]) and type(dense.stem) is nn.Sequential
+    x = torch.randn(2, 3, 16, 16, generator=rng)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), base(x))
+
+
+@pytest.mark.parametrize("method", ["dfs", "ddi"])
+@pytest.mark.parametrize("edit", ["data_mul", "data_index", "no_grad_copy"])
+def test_inference_sees_weight_edits(method, edit, rng):
+    """BN folding and packed integer weights are derived once, and rebuilt when the source changes,
+    also through .data (which bypasses the version counter)."""
+    base = _randomised(create_model("resnet20", num_classes=5), rng)
+    mod = getattr(pyeff, method)
+    net = mod.convert(base).eval()
+    x = torch.randn(3, 3, 32, 32, generator=rng)
+    d = torch.randint(1, len(net.bits), (3, len(net.blocks)), generator=rng) if method == "dfs" else None
+
+    def force(n):
+        return n.forced(d) if method == "dfs" else n.all_open()
+    if method == "dfs":
+        net.calibrate([x])
+    with torch.no_grad(), force(net):
+        net(x)  # derive and keep the folded / packed forms
+        for blk in net.blocks:
+            w = blk.block.conv1.weight
+            if edit == "data_mul":
+                w.data.mul_(3)
+            elif edit == "data_index":
+                w.data[0] = 0
+            else:
+                w.copy_(torch.randn_like(w))
+            bn = blk.block.bn1
+            bn.running_var.data.mul_(2)
+        got = net(x)[0]
+    fresh = mod.convert(net.to_dense()).eval()
+    if method == "dfs":
+        for b_new, b_old in zip(fresh.blocks, net.blocks):
+            b_new.act_range.copy_(b_old.act_range)
+            b_new.act_count.copy_(b_old.act_count)
+    with torch.no_grad(), force(fresh):
+        want = fresh(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
