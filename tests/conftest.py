@@ -20,3 +20,16 @@ def rng():
     seed = secrets.randbits(31)
     print(f"rng seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def randomise_bn(model, g):
+    """Give every BatchNorm2d of `model` non-trivial statistics and affine parameters drawn from
+    `g` (so a zeroed channel does not stay zero); returns the model in eval mode."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
+    return model.eval()

@@ -9,19 +9,9 @@ from pyeff.ddi import convert
 from pyeff.ddi.prune import prune_inner_channels, prune_to_flops
 from pyeff.dynamic import module_flops, route
 from pyeff.models import create_model
+from conftest import randomise_bn
 
 torch.set_num_threads(1)
-
-
-def _randomise_bn(m, g):
-    with torch.no_grad():  # non-trivial BN statistics, so a zeroed channel does not stay zero
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
-    return m.eval()
 
 
 def _model(name, g):
@@ -29,12 +19,12 @@ def _model(name, g):
     if name.startswith("torchvision."):
         import torchvision
         m = getattr(torchvision.models, name.split(".", 1)[1])(num_classes=5)
-        return _randomise_bn(m, g), (3, 32, 32)
+        return randomise_bn(m, g), (3, 32, 32)
     kw = {"depth": 16, "growth": 6} if name == "densenet" else {}
     if name == "densenet":
         from pyeff.models import CifarDenseNet
-        return _randomise_bn(CifarDenseNet(num_classes=5, **kw), g), (3, 16, 16)
-    return _randomise_bn(create_model(name, num_classes=5), g), (3, 16, 16)
+        return randomise_bn(CifarDenseNet(num_classes=5, **kw), g), (3, 16, 16)
+    return randomise_bn(create_model(name, num_classes=5), g), (3, 16, 16)
 
 
 MODELS = ["resnet20", "preresnet20", "densenet", "torchvision.resnet18", "torchvision.resnet50"]

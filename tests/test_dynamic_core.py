@@ -15,6 +15,7 @@ import pyeff.dfs
 from pyeff.ddi.prune import prune_inner_channels, sort_inner_channels
 from pyeff.dynamic import Conv, block_spec, register_block, unregister_block
 from pyeff.models import create_model
+from conftest import randomise_bn
 
 torch.set_num_threads(1)
 
@@ -57,14 +58,7 @@ class MyNet(nn.Module):
 
 def _randomised(m, g):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=g) * 0.4 - 0.2)
-    return m.eval()
+    return randomise_bn(m, g)
 
 
 @pytest.fixture

@@ -287,21 +287,11 @@ class DDINet(DynamicNet):
     def _num_choices(self) -> int:
         return 2
 
-    @property
-    def layer_gates(self) -> bool:
-        return self.config.layer_gates
-
-    @property
-    def channel_gates(self) -> bool:
-        return self.config.channel_gates
-
-    @property
-    def channel_mode(self) -> str:
-        return self.config.channel_mode
-
-    @property
-    def widths(self) -> tuple:
-        return self.config.widths
+    # the config's switches, read where the blocks and the recipe look for them
+    layer_gates = property(lambda self: self.config.layer_gates)
+    channel_gates = property(lambda self: self.config.channel_gates)
+    channel_mode = property(lambda self: self.config.channel_mode)
+    widths = property(lambda self: self.config.widths)
 
     @staticmethod
     def _num_classes(head: nn.Module) -> int:
