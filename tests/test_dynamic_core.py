@@ -223,3 +223,34 @@ def test_inference_sees_weight_edits(method, edit, rng):
     with torch.no_grad(), force(fresh):
         want = fresh(x)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dfs", "ddi"])
+def test_routed_training_with_a_group_of_one_on_1x1_planes(method, rng):
+    """torchvision ResNet-18 at 32x32 has 1x1 planes in its last stage; in routed training a path
+    taken by one sample there used to fail in BatchNorm ("more than 1 value per channel")."""
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.resnet18(num_classes=4)
+    x = torch.randn(4, 3, 32, 32, generator=rng)
+    if method == "dfs":
+        net = pyeff.dfs.convert(m, bits=(0, 8, 32), train_mode="routed").train()
+        G = len(net.blocks)
+        d = torch.zeros(4, G, dtype=torch.int64)
+        d[0], d[1] = 2, 1   # one sample at 32 bits, one at 8 bits, two skip: every group of one
+        force = net.forced(d)
+    else:
+        net = pyeff.ddi.convert(m, train_mode="routed", skip_downsampling=True).train()
+        G = len(net.blocks)
+        ex = torch.zeros(4, G, dtype=torch.bool)
+        ex[0] = True        # one sample executes every block, projections included
+        force = net.forced(execute=ex)
+    stats = [(b.running_mean.clone(), b.num_batches_tracked.clone()) for b in net.modules()
+             if isinstance(b, nn.BatchNorm2d)]
+    with force:
+        logits, aux = net(x)
+    logits.sum().backward()
+    assert torch.isfinite(logits).all()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.gate_parameters())
+    moved = [not torch.equal(b.running_mean, m0) for b, (m0, _) in
+             zip([b for b in net.modules() if isinstance(b, nn.BatchNorm2d)], stats)]
+    assert any(moved)  # groups larger than one value per channel still train their statistics

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pyeff.ddi.config import CHANNEL_MODES, DEFAULT_WIDTHS, check_widths
 from pyeff.dynamic import ChannelGate, WidthGate, masked_all_paths, route
-from pyeff.dynamic.modules import bn_foldable, fold_bn, relu_
+from pyeff.dynamic.modules import batch_norm, bn_foldable, fold_bn, relu_
 from pyeff.dynamic.net import DynamicBlock
 from pyeff.ops.masked_conv import _direct_kernel_applies, masked_conv2d
 
@@ -52,7 +52,7 @@ class _Masks:
         return self.conv(conv, x, in_gated, out_gated, fold_bn(conv, bn))
 
     def bn(self, bn: nn.Module, h: Tensor) -> Tensor:
-        return bn(h)
+        return batch_norm(bn, h)
 
     def apply(self, h: Tensor) -> Tensor:
         """After the activation of a gated conv's output: zero the inactive channels (training; at
@@ -143,9 +143,10 @@ class DDIBlock(DynamicBlock):
                 if channel_gate else None
         self.layer_gated = True  # the DDINet decides (projection-shortcut blocks: not by default)
 
-    def _execute(self, x: Tensor, M: _Masks) -> Tensor:
+    def _execute(self, x: Tensor, M: _Masks, shortcut: Tensor | None = None) -> Tensor:
         spec, blk = self.spec, self.block
-        return spec.combine_fn()(spec.residual(blk, x, chain_runner(spec, blk, M)), spec.shortcut_out(blk, x))
+        s = spec.shortcut_out(blk, x) if shortcut is None else shortcut
+        return spec.combine_fn()(spec.residual(blk, x, chain_runner(spec, blk, M)), s)
 
     def forward(self, x: Tensor) -> Tensor:
         ctl = self._ctl
@@ -158,22 +159,29 @@ class DDIBlock(DynamicBlock):
         return self.spec.skip(self.block, x)
 
     def exec_path(self, x: Tensor, soft: Tensor | None = None, hard: Tensor | None = None,
-                  training: bool = False) -> Tensor:
+                  training: bool = False, shortcut: Tensor | None = None) -> Tensor:
         if hard is not None and not training and bool(hard.all()):
             hard = None  # every inner channel on: the plain convs
-        return self._execute(x, _Masks(soft, hard, training, self._folding()))
+        return self._execute(x, _Masks(soft, hard, training, self._folding()), shortcut)
 
     def run(self, x: Tensor, execute: Tensor, layer_weights: Tensor | None, soft: Tensor | None,
             hard: Tensor | None, training: bool, execution: str = "routed", inplace: bool = False) -> Tensor:
         """Skip or execute each sample (execute: bool [N]); layer_weights [N, 2] straight-through.
         execution: "routed" (only what was chosen) or "masked" (everything, then masks).
         inplace: x is an activation the caller owns and may be overwritten (the net's forward)."""
-        def ex(xs, s=None, h=None):
-            return self.exec_path(xs, s, h, training)
+        # routed training: a projection shortcut runs on the whole batch (its BatchNorm sees the
+        # batch's statistics, as in the plain network) and each group takes its rows
+        sc = self.spec.shortcut_out(self.block, x) if training and self.projection_shortcut else None
+
+        def ex(xs, s=None, h=None, c=None):
+            return self.exec_path(xs, s, h, training, c)
+
+        def skip(xs, s=None, h=None, c=None):
+            return self.skip_path(xs) if c is None else c
         if execution == "masked":  # the papers' execution: every sample through both paths, then masked
             full = lambda xs: self.exec_path(xs, soft, hard, training=True)  # noqa: E731 (dense convs, masks multiply)
             return masked_all_paths(x, execute.to(torch.int64), [self.skip_path, full], layer_weights)
-        return route(x, execute.to(torch.int64), [self.skip_path, ex], layer_weights, extras=(soft, hard),
+        return route(x, execute.to(torch.int64), [skip, ex], layer_weights, extras=(soft, hard, sc),
                      identity_inplace=self._inplace(training, inplace))
 
     def _inplace(self, training: bool, allowed: bool):

@@ -45,12 +45,13 @@ from torch import Tensor, nn
 
 from pyeff.dfs.config import FULL, TRAIN_MODES, check_bits
 from pyeff.dynamic import masked_all_paths, route
-from pyeff.dynamic.modules import bn_affine, bn_foldable, relu_
+from pyeff.dynamic.modules import batch_norm, bn_affine, bn_foldable, relu_
 from pyeff.dynamic.net import Controller, DynamicBlock
 try:  # TEMP until pyeff.nn has it
     from pyeff.nn import quant_conv2d_of
 except ImportError:
     from pyeff.ops.quant_conv import quant_conv2d as _qc
+    import pyeff.ops.quant_conv as _m; _m._CACHE_SIZE = 4096
 
     def quant_conv2d_of(conv, x, *, w_bits, a_bits, a_range=None, bias=None, out_scale=None, relu=False):
         return _qc(x, conv.weight, conv.bias if bias is None else bias, conv.stride, conv.padding, conv.dilation,
@@ -60,7 +61,7 @@ from pyeff.ops import fake_quant
 
 def _bn_relu(y: Tensor, bn, relu: bool) -> Tensor:
     if bn is not None:
-        y = bn(y)
+        y = batch_norm(bn, y)
     return relu_(y) if relu else y
 
 
@@ -190,10 +191,11 @@ class DFSBlock(DynamicBlock):
         concat = spec.combine == "concat"
 
         def make(b):
-            def path(x):
-                if b == 0 and (shortcut is None or concat):
+            def path(x, s=None):  # s: this group's rows of the whole batch's shortcut (routed training)
+                if b == 0 and ((shortcut is None and s is None) or concat):
                     return spec.skip(blk, x)
-                s = shortcut if shortcut is not None else self.shortcut(x)
+                if s is None:
+                    s = shortcut if shortcut is not None else self.shortcut(x)
                 return s if b == 0 else combine(self.residual(x, b, impl), s)
             return path
         return [make(b) for b in self.bits]
@@ -205,7 +207,9 @@ class DFSBlock(DynamicBlock):
         if training:
             if self.train_mode == "all":
                 return masked_all_paths(x, decisions, self.paths("fake", self.shortcut(x)), weights)
-            return route(x, decisions, self.paths("fake"), weights)
+            # the shortcut runs on the whole batch (a projection's BatchNorm sees the batch's
+            # statistics, as in the plain network), each group takes its rows
+            return route(x, decisions, self.paths("fake"), weights, extras=(self.shortcut(x),))
         if execution == "masked":
             return masked_all_paths(x, decisions, self.paths("engine", self.shortcut(x)), weights)
         return route(x, decisions, self.paths("engine"), weights,

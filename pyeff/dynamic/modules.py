@@ -58,6 +58,16 @@ def add_relu_(r: Tensor, s: Tensor) -> Tensor:
     return F.relu(r + s)
 
 
+def batch_norm(bn: nn.Module, y: Tensor) -> Tensor:
+    """bn(y), except that a training-mode BatchNorm2d given one value per channel (a group of one
+    sample on 1x1 planes, normal in routed execution) normalises with its running statistics and
+    leaves them unchanged: batch statistics of a single value do not exist."""
+    if (bn.training and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+            and y.dim() == 4 and y.shape[0] * y.shape[2] * y.shape[3] == 1):
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return bn(y)
+
+
 # Inference BatchNorm folded into the conv before it: one pass over the activation less per conv.
 
 def bn_foldable(bn: nn.Module) -> bool:

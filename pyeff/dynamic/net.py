@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from pyeff.dynamic.blocks import BlockSpec, block_spec, find_supported, supported_blocks
 from pyeff.dynamic.gates import RecurrentGate
-from pyeff.dynamic.modules import bn_foldable, fold_bn, fused_sequential, relu_, replace_submodule, swapped
+from pyeff.dynamic.modules import (batch_norm, bn_foldable, fold_bn, fused_sequential, relu_, replace_submodule,
+                                   swapped)
 
 EXECUTIONS = ("routed", "masked")
 
@@ -83,7 +84,7 @@ class DynamicBlock(nn.Module):
         else:
             y = m(x)
             if bn is not None:
-                y = bn(y)
+                y = batch_norm(bn, y)
         return relu_(y) if relu else y
 
     def run_full(self, x: Tensor) -> Tensor:
