@@ -254,3 +254,36 @@ def test_routed_training_with_a_group_of_one_on_1x1_planes(method, rng):
     moved = [not torch.equal(b.running_mean, m0) for b, (m0, _) in
              zip([b for b in net.modules() if isinstance(b, nn.BatchNorm2d)], stats)]
     assert any(moved)  # groups larger than one value per channel still train their statistics
+
+
+def test_ddi_budget_and_input_rules(rng):
+    base = _randomised(create_model("resnet20", num_classes=5), rng)
+    net = pyeff.ddi.convert(base, input_size=(3, 16, 16))
+    x = torch.randn(3, 3, 16, 16, generator=rng)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        net.set_budget(1.5)
+    with pytest.raises(ValueError, match="cost table is for inputs of size"):
+        net.eval()(torch.randn(2, 3, 32, 32, generator=rng))
+    net.set_budget(0.6)
+    with pytest.warns(UserWarning, match="budget applies at inference"):
+        _, aux = net.train()(x)
+    assert aux["cost"].dtype == x.dtype and aux["cost"].requires_grad  # training: differentiable
+    with torch.no_grad():
+        _, aux = net.eval()(x)
+    assert aux["cost"].dtype == torch.float64 and float(aux["cost"].max()) <= 0.6 * (1 + 1e-9)
+    net.measure_costs(x=torch.randn(1, 3, 24, 24, generator=rng))  # re-costed for another size
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 24, 24, generator=rng))[0].shape == (2, 5)
+
+
+def test_dfs_bits_must_be_ascending():
+    with pytest.raises(ValueError, match="ascending"):
+        pyeff.dfs.convert(create_model("resnet20"), bits=(32, 0))
+    with pytest.raises(TypeError, match="DFSConfig"):
+        pyeff.dfs.convert(create_model("resnet20"), (0, 32))
+    cfg = pyeff.dfs.DFSConfig(bits=(0, 8, 32), train_mode="routed")
+    net = pyeff.dfs.convert(create_model("resnet20"), cfg, gate_bias=(0.0, 0.0, 1.0))
+    assert net.config.bits == (0, 8, 32) and net.config.gate_bias == (0.0, 0.0, 1.0)
+    assert pyeff.dfs.DFSConfig.from_dict(net.config.to_dict()) == net.config
+    with pytest.raises(TypeError, match="no field"):
+        pyeff.dfs.convert(create_model("resnet20"), cfg, bitz=(0, 32))

@@ -1,7 +1,8 @@
 """`convert(model)`: a network with DDI's two kinds of dynamic inference.
 
     net = pyeff.ddi.convert(pyeff.models.create_model("resnet38"), cost="flops")
-    logits, aux = net(x)     # aux["cost"]: [N] fraction of the dense network's cost (differentiable)
+    logits, aux = net(x)     # aux["cost"]: [N] fraction of the dense network's cost: in training in
+                             #   x's dtype and differentiable; at inference float64, exact
                              # aux["execute"]: [N, G] layer decisions; aux["channels"]: [N, G] fractions
                              # aux["exits"]: early-exit logits (training)
     net.set_budget(0.3)      # inference: no sample spends more than 30% of the dense cost
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterable
 
 import torch
@@ -264,6 +266,7 @@ class DDINet(DynamicNet):
                     self.exits.append(ExitHead(h.shape[1], self._num_classes(head), h.shape[-1]))
             self.exits.train(model.training)
         self.budget: float | None = None
+        self._budget_warned = False
         self.tighten = True
         self.halt_stage = len(stages) - 1
         self.collect_exits = False
@@ -366,6 +369,10 @@ class DDINet(DynamicNet):
             logits = head(h)
             ctl.charge(t.head)
         n = x.shape[0]
+        if self.training and self.budget is not None and not self._budget_warned:
+            self._budget_warned = True
+            warnings.warn("pyeff.ddi: the budget applies at inference (eval mode); a training forward is steered by "
+                          "the cost hinge toward the recipe's target instead", stacklevel=2)
         if self.training:  # differentiable through the gates' straight-through weights
             spent = ctl.spent if isinstance(ctl.spent, Tensor) else torch.full((n,), float(ctl.spent), device=x.device)
         else:  # exact (float64) accounting of what ran
@@ -400,8 +407,9 @@ class DDINet(DynamicNet):
         if budget is None:
             self.budget, self.halt_stage, self.tighten = None, len(self.parts[1]) - 1, True
             return self
-        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget:
-            raise ValueError(f"pyeff.ddi: budget is a fraction of the dense cost (e.g. 0.5), got {budget!r}")
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 1:
+            raise ValueError(f"pyeff.ddi: budget is a fraction of the dense cost in (0, 1] (e.g. 0.5; 1 is the dense "
+                             f"network, which no sample exceeds), got {budget!r}")
         last = len(self.parts[1]) - 1
         need = self.table.mandatory if tighten else self.table.full_to
         feasible = [s for s in range(last + 1) if need(s) <= budget * self.table.dense * (1 + 1e-9)
