@@ -148,6 +148,10 @@ class DDIBlock(DynamicBlock):
         s = spec.shortcut_out(blk, x) if shortcut is None else shortcut
         return spec.combine_fn()(spec.residual(blk, x, chain_runner(spec, blk, M)), s)
 
+    # per-sample routing is data-dependent control flow (group sizes, which paths run): under
+    # torch.compile the gated block runs eagerly (its convs are oneDNN / pyeff kernels already)
+    # and the static parts around it compile, with no recompilation per group size
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         ctl = self._ctl
         if ctl is None:  # outside a DDINet: the plain block

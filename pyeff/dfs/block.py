@@ -215,6 +215,10 @@ class DFSBlock(DynamicBlock):
         return route(x, decisions, self.paths("engine"), weights,
                      identity_inplace=self._skip_inplace if inplace else None)
 
+    # per-sample routing is data-dependent control flow (group sizes, which paths run): under
+    # torch.compile the gated block runs eagerly (its convs are oneDNN / pyeff kernels already)
+    # and the static parts around it compile, with no recompilation per group size
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         ctl = self._ctl
         if ctl is None:

@@ -77,6 +77,9 @@ def bn_foldable(bn: nn.Module) -> bool:
             and bn.running_var is not None and not torch.is_grad_enabled())
 
 
+# (under torch.compile these run eagerly: the cached forms are keyed by module identity, which
+# would otherwise put a guard, and a recompilation, on every BatchNorm)
+@torch.compiler.disable
 @torch.no_grad()
 def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(scale, shift) with bn(y + conv_bias) == y * scale + shift per channel, for an eval-mode
@@ -94,6 +97,7 @@ def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tens
     return packs_of(bn).get(("bn-affine", bn.eps), tensors, build)
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(weight, bias) of the one conv equal to conv followed by the eval-mode `bn`; cached on the
