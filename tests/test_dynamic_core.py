@@ -310,3 +310,38 @@ def test_torch_compile_matches_eager_without_recompiling_per_group(method, rng):
             with torch.no_grad(), force:
                 torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kw", [{}, {"layer_gates": False}, {"channel_mode": "width"}, {"train_mode": "routed"}])
+def test_ddi_training_step_reaches_every_parameter(kw, rng):
+    """DDP (torchrun) rejects parameters that get no gradient: the layer gate used to hold a
+    projection for blocks it never decides (projection-shortcut blocks, or every block with
+    layer_gates=False)."""
+    base = create_model("resnet20", num_classes=5)
+    net = pyeff.ddi.convert(base, input_size=(3, 16, 16), **kw).train()
+    x = torch.randn(8, 3, 16, 16, generator=rng)
+    logits, aux = net(x)
+    loss = logits.logsumexp(1).mean() + aux["cost"].mean() + sum(e.logsumexp(1).mean() for e in aux["exits"])
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_ddi_loads_checkpoints_with_a_projection_per_block(rng):
+    net = pyeff.ddi.convert(create_model("resnet20", num_classes=5), input_size=(3, 16, 16))
+    sd = net.state_dict()
+    step = net._gate_step
+    assert len(step) < len(net.blocks)  # projection-shortcut blocks have no layer gate by default
+    old = {k: v for k, v in sd.items() if not k.startswith("gate.proj.")}
+    for blk in net.blocks:
+        for name in ("weight", "bias"):
+            if blk.index in step:
+                old[f"gate.proj.{blk.index}.{name}"] = sd[f"gate.proj.{step[blk.index]}.{name}"]
+            else:
+                old[f"gate.proj.{blk.index}.{name}"] = torch.randn_like(sd[f"gate.proj.0.{name}"][:, :1].expand(
+                    -1, blk.in_channels, *sd[f"gate.proj.0.{name}"].shape[2:]) if name == "weight"
+                    else sd[f"gate.proj.0.{name}"])
+    fresh = pyeff.ddi.convert(create_model("resnet20", num_classes=5), input_size=(3, 16, 16))
+    fresh.load_state_dict(old)
+    for k, v in sd.items():
+        assert torch.equal(fresh.state_dict()[k], v), k

@@ -120,7 +120,7 @@ class DDIController(Controller):
         # layer decision
         layer_w = None
         if layer_gated:
-            g = net.gate(x, blk.index, pooled)
+            g = net.gate(x, net._gate_step[blk.index], pooled)
             execute = g.decisions == 1
             layer_w = g.weights if training else None
         else:
@@ -253,7 +253,13 @@ class DDINet(DynamicNet):
             d.layer_gated = config.layer_gates and (config.skip_downsampling or not d.projection_shortcut)
         self.__dict__["parts"] = _parts(model)  # views, not registered twice (after the stem was wrapped)
         stem, stages, head = self.parts
-        self.gate = self._make_gate(config.gate_bias, config.embed_dim, config.hidden_dim)
+        # the layer gate covers only the blocks it decides (no parameter without a gradient, which
+        # DDP rejects); none at all without layer gating
+        layer_gated = [d for d in wrapped if d.layer_gated]
+        self._gate_step = {d.index: k for k, d in enumerate(layer_gated)}
+        self.gate = self._make_gate(config.gate_bias, config.embed_dim, config.hidden_dim, layer_gated) \
+            if layer_gated else None
+        self._register_load_state_dict_pre_hook(self._old_gate_keys)
         # exit heads after every stage but the last (their sizes from a probe of the dense network)
         self.exits = nn.ModuleList()
         self.input_size = tuple(config.input_size)
@@ -281,6 +287,22 @@ class DDINet(DynamicNet):
 
     def _make_controller(self):
         return DDIController(self)
+
+    def _old_gate_keys(self, state_dict, prefix, *args):
+        """Checkpoints written when the layer gate had a projection for every gated block: keep
+        those of the blocks it decides, renumbered."""
+        old = [k for k in state_dict if k.startswith(prefix + "gate.proj.")]
+        if len({k[len(prefix + "gate.proj."):].split(".")[0] for k in old}) != len(self.blocks) \
+                or len(self._gate_step) == len(self.blocks):
+            return
+        for k in old:
+            i, rest = k[len(prefix + "gate.proj."):].split(".", 1)
+            v = state_dict.pop(k)
+            if int(i) in self._gate_step:
+                state_dict[f"{prefix}gate.proj.{self._gate_step[int(i)]}.{rest}"] = v
+        if self.gate is None:
+            for k in [k for k in state_dict if k.startswith(prefix + "gate.")]:
+                state_dict.pop(k)
 
     def _wrap(self, block: nn.Module, index: int) -> DDIBlock:
         c = self.config
@@ -493,7 +515,8 @@ class DDINet(DynamicNet):
 
     # -- parameters and statistics ------------------------------------------------------------
     def gate_parameters(self):
-        yield from self.gate.parameters()
+        if self.gate is not None:
+            yield from self.gate.parameters()
         for b in self.blocks:
             if b.channel_gate is not None:
                 yield from b.channel_gate.parameters()

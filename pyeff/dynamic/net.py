@@ -170,8 +170,10 @@ class DynamicNet(nn.Module):
         self._register_load_state_dict_pre_hook(self._old_keys)
         return wrapped
 
-    def _make_gate(self, gate_bias, embed_dim: int, hidden_dim: int) -> RecurrentGate:
-        return RecurrentGate([d.in_channels for d in self.blocks], self._num_choices(), embed_dim, hidden_dim,
+    def _make_gate(self, gate_bias, embed_dim: int, hidden_dim: int, blocks=None) -> RecurrentGate:
+        """The recurrent gate over `blocks` (default: every gated block), in execution order."""
+        blocks = self.blocks if blocks is None else blocks
+        return RecurrentGate([d.in_channels for d in blocks], self._num_choices(), embed_dim, hidden_dim,
                              mode="argmax", bias=gate_bias)
 
     def _wrap(self, block: nn.Module, index: int) -> nn.Module:
