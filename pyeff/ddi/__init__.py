@@ -14,11 +14,11 @@ from pyeff.ddi.costs import BlockCost, CostTable, build_table
 from pyeff.ddi.model import DDINet, ExitHead, convert
 
 __all__ = ["DDIBlock", "DDINet", "DDIConfig", "ExitHead", "convert", "BlockCost", "CostTable", "EnergyModel",
-           "build_table", "DDIHook", "train_ddi"]
+           "build_table", "DDIHook", "train_ddi", "DDIRecipe"]
 
 
 def __getattr__(name):  # the recipe pulls in the training loop: import it on first use
-    if name in ("DDIHook", "train_ddi"):
+    if name in ("DDIHook", "train_ddi", "DDIRecipe"):
         from pyeff.ddi import recipe
         return getattr(recipe, name)
     raise AttributeError(name)

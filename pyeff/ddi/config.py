@@ -19,7 +19,12 @@ class EnergyModel(Config):
     """Energy per operation in pJ. Defaults: 45 nm figures (Horowitz, ISSCC 2014): a float32
     multiply (3.7 pJ) plus add (0.9 pJ) per MAC, and a 32-bit word of an 8 KB SRAM (~5 pJ) per
     activation read or written and per weight read (weights are assumed to stream from on-chip
-    SRAM once per sample). Pass your accelerator's numbers for its tables."""
+    SRAM once per sample). Pass your accelerator's numbers for its tables.
+
+    mac_pj: energy of one multiply-accumulate, pJ.
+    act_pj: energy of reading or writing one activation, pJ.
+    weight_pj: energy of reading one weight, pJ.
+    """
     mac_pj: float = 4.6
     act_pj: float = 5.0
     weight_pj: float = 5.0
@@ -59,9 +64,11 @@ class DDIConfig(Config):
     input_size: (C, H, W) of one input: sizes the exits and the cost table (an input of another
         spatial size is an error at inference, since the costs would not match).
     gate_bias: initial (skip, execute) logit bias of the layer gate (default: execute).
+    energy: the unit costs of the "energy" cost (an EnergyModel).
     channel_mode: "mask" (any subset of inner channels per sample, run by masked_conv2d) or
         "width" (a per-sample choice among `widths`, fractions of the inner channels, run as dense
         convs on sliced weights after the channels are sorted by importance).
+    widths: the fractions of the inner channels width mode chooses among, each in (0, 1].
     train_mode: "all" (both paths on every sample in training, then the straight-through one-hot)
         or "routed" (only the chosen samples run a block).
     skip_downsampling: also give a layer gate to blocks with a projection shortcut.

@@ -12,11 +12,11 @@ from pyeff.dfs.config import HW_BITS, PAPER_BITS, DFSConfig, check_bits
 from pyeff.dfs.model import DFSNet, convert
 
 __all__ = ["DFSBlock", "DFSNet", "DFSConfig", "convert", "check_bits", "PAPER_BITS", "HW_BITS", "DFSHook",
-           "train_dfs"]
+           "train_dfs", "DFSRecipe"]
 
 
 def __getattr__(name):  # the recipe pulls in the training loop: import it on first use
-    if name in ("DFSHook", "train_dfs"):
+    if name in ("DFSHook", "train_dfs", "DFSRecipe"):
         from pyeff.dfs import recipe
         return getattr(recipe, name)
     raise AttributeError(name)
