@@ -36,7 +36,8 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         # bad input from the user: say what is wrong without a traceback (bugs keep theirs)
-        print(f"pyeff {args.command}: error: {exc}", file=sys.stderr)
+        sub = getattr(args, f"{args.command}_command", None)  # e.g. `pyeff dfs train`
+        print(f"pyeff {args.command}{' ' + sub if sub else ''}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -25,6 +25,25 @@ def tiny_model():
                          nn.Flatten(), nn.Linear(24, 10))
 
 
+def register_tiny():
+    """A TrainConfig names a zoo model (checked on construction): give tiny_model one."""
+    from pyeff.models import register_model, registry
+
+    if "tiny" not in registry._MODELS:
+        register_model(lambda num_classes=10, in_channels=1: tiny_model(), name="tiny")
+        return True
+    return False
+
+
+@pytest.fixture
+def tiny_registered():
+    added = register_tiny()
+    yield
+    if added:
+        from pyeff.models import registry
+        registry._MODELS.pop("tiny", None)
+
+
 def config(out):
     # 160 images / global batch 32 = 5 steps per epoch, every batch full (16 per rank); 75 test
     # images do not split evenly: the loader pads rank 1, evaluation must count each image once
@@ -40,6 +59,7 @@ def data():
 def _worker(rank, world, port, out, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    register_tiny()  # a fresh process
     t = train.Trainer(tiny_model(), config(out), *data(), verbose=False)
     assert t.world_size == world and t.per_rank_batch == 32 // world
     t.fit()
@@ -65,7 +85,7 @@ def spawn(fn, args, nprocs):
             pytest.fail(f"distributed workers did not finish within {TIMEOUT}s")
 
 
-def test_two_processes_match_one(tmp_path, monkeypatch):
+def test_two_processes_match_one(tmp_path, monkeypatch, tiny_registered):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "ddp")
     spawn(_worker, (2, free_port(), out, str(tmp_path / "res")), nprocs=2)

@@ -40,6 +40,20 @@ class TinyNet(nn.Module):
         return logits
 
 
+@pytest.fixture(scope="module", autouse=True)
+def zoo_names():
+    """A TrainConfig names a zoo model (checked on construction): TinyNet gets two zoo names while
+    this module's tests run."""
+    from pyeff.models import register_model, registry
+
+    added = [n for n in ("tiny", "other") if n not in registry._MODELS]
+    for n in added:
+        register_model(lambda num_classes=10, in_channels=1: TinyNet(), name=n)
+    yield
+    for n in added:
+        registry._MODELS.pop(n, None)
+
+
 def make_model(seed=0, **kw):
     torch.manual_seed(seed)
     return TinyNet(**kw)
@@ -70,6 +84,8 @@ def state_equal(a, b):
     ({"batch_size": 0}, "batch_size"), ({"warmup": 5, "epochs": 5}, "warmup"),
     ({"milestones": (9,), "epochs": 5, "schedule": "step"}, "milestones"),
     ({"device": "tpu"}, "device"), ({"lr": -1.0}, "lr"), ({"train_subset": 0}, "train_subset"),
+    ({"model": "nosuch"}, "unknown model 'nosuch'.*known models: .*resnet20"),
+    ({"dataset": "nosuch"}, "unknown dataset 'nosuch'.*digits"),
 ])
 def test_config_validation(kw, words):
     with pytest.raises(ValueError, match=words):

@@ -1,4 +1,5 @@
-"""`pyeff ddi train|eval`: the DDI recipe and the evaluation of its result (with budgets)."""
+"""`pyeff ddi train|eval`: the DDI recipe and the evaluation of its result (with budgets). The train
+options are generated from DDIRecipe (the recipe's settings) and DDIConfig (the conversion's)."""
 from __future__ import annotations
 
 import argparse
@@ -15,62 +16,68 @@ def _budgets(text: str):
     return vals
 
 
+# option names kept from before the options were generated
+FLAGS = {"dataset": ["--data", "--dataset"], "out_dir": ["--out"]}
+
+
 def register(subparsers):
-    from pyeff.ddi.costs import UNITS
-    from pyeff.ddi.recipe import DEFAULT_BETA, DEFAULT_EXIT_WEIGHT
-    from pyeff.train.cli import add_recipe_run_args
+    from pyeff.config import add_config_args
+    from pyeff.ddi.config import CHANNEL_MODES, TRAIN_MODES, UNITS, DDIConfig
+    from pyeff.ddi.recipe import DDIRecipe
 
     p = subparsers.add_parser("ddi", help="DDI (dual dynamic inference): train and evaluate",
                               description="Dual dynamic inference: per-input layer and channel skipping, and "
                                           "budget-driven halting at early exits.")
     sub = p.add_subparsers(dest="ddi_command", metavar="{train,eval}")
     t = sub.add_parser("train", help="float net, then network + exits + gates toward the cost target",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = t.add_argument
-    a("--model", default="resnet38", help="zoo model (a CIFAR ResNet or DenseNet, or torchvision.resnet*)")
-    a("--data", "--dataset", dest="dataset", default="shapes", help="dataset name")
-    a("--data-dir", default=None, help="directory of on-disk datasets")
-    a("--cost", choices=UNITS, default="flops", help="the cost the hinge targets (latency: timed on this machine)")
-    a("--target", type=float, default=25.0, help="target cost, percent of the dense network")
-    a("--beta", type=float, default=DEFAULT_BETA, help="weight of the cost term")
-    a("--exit-weight", type=float, default=DEFAULT_EXIT_WEIGHT, help="weight of each early exit's loss")
-    a("--no-channel-gates", action="store_true", help="layer skipping only")
-    a("--no-layer-gates", action="store_true", help="channel skipping only")
-    a("--channel-mode", choices=["mask", "width"], default="mask",
-      help="mask = any subset of inner channels per sample; width = a per-sample width (25/50/75/100%%), "
-           "run as dense convs on sliced weights")
-    a("--ddi-epochs", type=int, default=5, help="phase 2 epochs (network, exits and gates)")
-    a("--ddi-lr", type=float, default=0.02, help="phase 2 learning rate")
-    add_recipe_run_args(a, "ddi")
+                       description="(1) the float network (or --base-checkpoint); (2) convert, then network, "
+                                   "exits, layer and channel gates together toward --target. Every setting is "
+                                   "checked before phase 1.")
+    add_config_args(t, DDIRecipe, title="recipe (pyeff.ddi.recipe.DDIRecipe)", flags=FLAGS,
+                    help={"model": "zoo model (a CIFAR ResNet or DenseNet, or torchvision.resnet*); phase 1 "
+                                   "trains it unless base_checkpoint is given",
+                          "out_dir": "output folder (phase folders and ddi.pt)"})
+    add_config_args(t, DDIConfig, title="conversion (pyeff.ddi.DDIConfig)", exclude=("input_size",),
+                    choices={"cost": UNITS, "channel_mode": CHANNEL_MODES, "train_mode": TRAIN_MODES},
+                    help={"cost": "the unit of the hinge and the budget (latency: timed on this machine; energy: "
+                                  "the --energy-* unit costs in pJ)",
+                          "channel_gates": "channel skipping (--no-channel-gates: layer skipping only)",
+                          "layer_gates": "layer skipping (--no-layer-gates: channel skipping only)",
+                          "exits": "early-exit classifiers after every stage but the last",
+                          "gate_bias": "initial (skip, execute) logit bias of the layer gate",
+                          "widths": "the per-sample widths of --channel-mode width, fractions of the inner "
+                                    "channels",
+                          "energy.mac_pj": "energy model: pJ per multiply-accumulate",
+                          "energy.act_pj": "energy model: pJ per activation read or written",
+                          "energy.weight_pj": "energy model: pJ per weight read"})
     t.set_defaults(func=train_main)
-    e = sub.add_parser("eval", help="accuracy, cost, wall-clock vs the dense model, per-block statistics, budgets",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("eval", help="accuracy, cost, wall-clock vs the dense model, per-block statistics, budgets")
     e.add_argument("--checkpoint", required=True, help="ddi.pt written by pyeff ddi train")
-    e.add_argument("--data-dir", default=None, help="directory of on-disk datasets")
-    e.add_argument("--test-subset", type=int, default=None, help="evaluate on this many images")
-    e.add_argument("--batch-size", type=int, default=128, help="batch size (also of the timing)")
+    e.add_argument("--data-dir", default=None, help="directory of on-disk datasets (default: the dataset's own)")
+    e.add_argument("--test-subset", type=int, default=None, help="evaluate on this many images (default: all)")
+    e.add_argument("--batch-size", type=int, default=128, help="batch size, also of the timing (default: 128)")
     e.add_argument("--budgets", type=_budgets, default=None,
-                   help="also evaluate under these budgets (fractions of the dense cost), e.g. 0.25,0.5,0.75")
-    e.add_argument("--retime", action="store_true", help="re-measure a latency cost table on this machine")
-    e.add_argument("--time", type=float, default=2.0, help="seconds of timing per model")
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+                   help="also evaluate under these budgets (fractions of the dense cost), e.g. 0.25,0.5,0.75 "
+                        "(default: none)")
+    e.add_argument("--retime", action="store_true",
+                   help="re-measure a latency cost table on this machine (default: off)")
+    e.add_argument("--time", type=float, default=2.0, help="seconds of timing per model (default: 2.0)")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     e.set_defaults(func=eval_main)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
     return p
 
 
 def train_main(args) -> int:
-    from pyeff.ddi.recipe import train_ddi
+    from pyeff.config import config_from_args
+    from pyeff.ddi.config import DDIConfig
+    from pyeff.ddi.recipe import DDIRecipe, train_ddi
 
-    res = train_ddi(args.model, args.dataset, cost=args.cost, target=args.target, beta=args.beta,
-                    exit_weight=args.exit_weight, channel_gates=not args.no_channel_gates,
-                    layer_gates=not args.no_layer_gates, channel_mode=args.channel_mode,
-                    base_epochs=args.base_epochs, ddi_epochs=args.ddi_epochs,
-                    lr=args.lr, ddi_lr=args.ddi_lr, batch_size=args.batch_size, train_subset=args.train_subset,
-                    test_subset=args.test_subset, data_dir=args.data_dir, seed=args.seed, device=args.device,
-                    out_dir=args.out, base_checkpoint=args.base_checkpoint, threads=args.threads)
+    recipe = config_from_args(DDIRecipe, args)
+    config = config_from_args(DDIConfig, args)
+    res = train_ddi(recipe, config)
     last = res["history"]["phase2"][-1]
-    print(f"DDI {args.model} on {args.dataset}, cost {args.cost}, target {args.target}%: test acc "
+    print(f"DDI {recipe.model} on {recipe.dataset}, cost {config.cost}, target {recipe.target}%: test acc "
           f"{100 * last['test_acc']:.2f}%, cost {last['computation_pct']:.1f}%; saved {res['checkpoint']}")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Tuple
 
 from pyeff.config import Config
 

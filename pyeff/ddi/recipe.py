@@ -11,15 +11,17 @@ cost down from 100% to the target while the network adapts.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
-from pyeff.ddi.block import DEFAULT_WIDTHS
+from pyeff.ddi.config import DDIConfig
 from pyeff.ddi.model import DDINet, convert
 from pyeff.dynamic.hook import CostHingeHook
-from pyeff.train import TrainConfig, run_training
-from pyeff.train.phases import float_phase, recipe_config, sgd
+from pyeff.train import run_training
+from pyeff.train.checkpoint import read_checkpoint
+from pyeff.train.phases import (RecipeConfig, check_int, check_number, float_phase, load_base,  # noqa: F401
+                                recipe_config, sgd, split_overrides)  # (re-exported)
 
 DEFAULT_BETA = 2.0
 DEFAULT_EXIT_WEIGHT = 0.5
@@ -76,72 +78,124 @@ class DDIHook(CostHingeHook):
         return out
 
 
-def train_ddi(model: str = "resnet38", dataset: str = "shapes", *, cost: str = "flops", target: float = 25.0,
-              beta: float = DEFAULT_BETA, exit_weight: float = DEFAULT_EXIT_WEIGHT, channel_gates: bool = True,
-              layer_gates: bool = True, channel_mode: str = "mask", base_epochs: int = 10, ddi_epochs: int = 5,
-              lr: float = 0.1,
-              ddi_lr: float = 0.02, batch_size: int = 128, train_subset=None, test_subset=None, data_dir=None,
-              seed: int = 0, device: str = "auto", out_dir: str = "runs/ddi", base_model=None,
-              base_checkpoint=None, data=None, verbose: bool = True, threads=None) -> dict:
+@dataclass
+class DDIRecipe(RecipeConfig):
+    """The DDI recipe's settings (the conversion's are a DDIConfig); validated on construction, so
+    a bad value fails before phase 1.
+
+    target: target cost, percent of the dense network in the config's unit (0-100).
+    beta: weight of the cost term.
+    exit_weight: weight of each early exit's cross-entropy.
+    ddi_epochs: phase 2 epochs (network, exits and gates together).
+    ddi_lr: phase 2 learning rate.
+    """
+    beta: float = DEFAULT_BETA
+    out_dir: str = "runs/ddi"
+    exit_weight: float = DEFAULT_EXIT_WEIGHT
+    ddi_epochs: int = 5
+    ddi_lr: float = 0.02
+
+    @classmethod
+    def _what(cls) -> str:
+        return "DDI recipe"
+
+    def validate(self) -> "DDIRecipe":
+        super().validate()
+        check_number(self, "exit_weight", lo=0)
+        check_int(self, "ddi_epochs", lo=1)
+        check_number(self, "ddi_lr", lo=0, lo_open=True)
+        return self
+
+
+def check_convertible(model, config: DDIConfig, model_name: str) -> None:
+    """Raise ValueError unless DDI can convert `model`: DDI's own conversion on a copy, with FLOPs
+    as the unit (a latency table would be timed here for nothing)."""
+    try:
+        convert(model, config.replace(cost="flops"))
+    except TypeError as exc:
+        raise ValueError(f"DDI cannot convert model {model_name!r}: {exc}") from None
+
+
+def train_ddi(recipe: DDIRecipe | None = None, config: DDIConfig | None = None, *, base_model=None, data=None,
+              verbose: bool = True, **overrides) -> dict:
     """Run the recipe; returns {"net", "base", "history": {phase: [...]}, "checkpoint", "data"}.
 
-    `base_model` (an nn.Module) or `base_checkpoint` (a pyeff checkpoint of `model`) skips phase 1;
-    `data` = (train_set, test_set) skips loading. Phases write run folders under `out_dir`
-    (phase1-float, phase2-ddi); the result is saved to out_dir/ddi.pt.
+    Args:
+        recipe: the recipe's settings (default DDIRecipe()).
+        config: the conversion (default DDIConfig()); its input_size is taken from the data.
+        base_model: an nn.Module that skips phase 1 (as does recipe.base_checkpoint).
+        data: (train_set, test_set), skips loading.
+        overrides: fields of either, e.g. train_ddi(model="resnet20", cost="energy", target=40).
+
+    Everything is checked before phase 1: the settings, the base checkpoint, and that DDI can
+    convert the model. Phases write run folders under recipe.out_dir (phase1-float, phase2-ddi);
+    the result goes to <out_dir>/ddi.pt with config and recipe.
     """
+    from pyeff.models import create_model
     from pyeff.train import load_data
 
-    common = recipe_config(model=model, dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                           train_subset=train_subset, test_subset=test_subset, device=device, threads=threads)
+    recipe, config = split_overrides(recipe, config, overrides, DDIRecipe, DDIConfig, "train_ddi")
+    r = recipe
+    common = r.common()
+    ddi_cfg = r.train_config(epochs=r.ddi_epochs, lr=r.ddi_lr, out_dir=os.path.join(r.out_dir, "phase2-ddi"))
     if data is None:
-        data = load_data(TrainConfig(**common))
+        data = load_data(r.train_config())
     train_set, test_set = data
+    n_cls, in_ch = train_set.num_classes, train_set.images.shape[1]
+    config = config.replace(input_size=tuple(train_set.images.shape[1:]))
+    if base_model is None and r.base_checkpoint is not None:
+        base_model = load_base(r.model, r.base_checkpoint, n_cls, in_ch)
+    check_convertible(base_model if base_model is not None else create_model(r.model, num_classes=n_cls,
+                                                                              in_channels=in_ch), config, r.model)
     history = {}
-    base_model, h1 = float_phase(common, data, epochs=base_epochs, lr=lr, out_dir=out_dir, base_model=base_model,
-                                 base_checkpoint=base_checkpoint, verbose=verbose)
+    base_model, h1 = float_phase(common, data, epochs=r.base_epochs, lr=r.lr, out_dir=r.out_dir,
+                                 base_model=base_model, verbose=verbose)
     if h1 is not None:
         history["phase1"] = h1
-    net = convert(base_model, cost=cost, channel_gates=channel_gates, layer_gates=layer_gates,
-                  input_size=tuple(train_set.images.shape[1:]), channel_mode=channel_mode)
-    cfg = TrainConfig(epochs=ddi_epochs, lr=ddi_lr, out_dir=os.path.join(out_dir, "phase2-ddi"), **common)
-    trainer = run_training(cfg, hooks=[DDIHook(target, beta, exit_weight)], model=net, data=data, verbose=verbose,
-                           optimizer=sgd(net.parameters(), ddi_lr))
+    net = convert(base_model, config)
+    trainer = run_training(ddi_cfg, hooks=[DDIHook(r.target, r.beta, r.exit_weight)], model=net, data=data,
+                           verbose=verbose, optimizer=sgd(net.parameters(), r.ddi_lr))
     history["phase2"] = trainer.history
     net = trainer.model.cpu()
-    path = os.path.join(out_dir, "ddi.pt")
-    save_ddi(net, path, model=model, dataset=dataset, num_classes=train_set.num_classes,
-             in_channels=train_set.images.shape[1], target=target, beta=beta)
-    return {"net": net, "base": base_model, "history": history, "checkpoint": path, "data": data}
+    path = os.path.join(r.out_dir, "ddi.pt")
+    save_ddi(net, path, model=r.model, dataset=r.dataset, num_classes=n_cls, in_channels=in_ch, recipe=r.to_dict())
+    return {"net": net, "base": base_model, "history": history, "checkpoint": path, "data": data,
+            "recipe": r, "config": net.config}
 
 
 def save_ddi(net: DDINet, path: str, **meta) -> None:
+    """Write `net` (its DDIConfig as a dict, its cost table, tuned budget exits, weights) and `meta`
+    (model, dataset, num_classes, in_channels: what load_ddi needs to rebuild the base; recipe)."""
     from pyeff.train import atomic_save
 
-    atomic_save({"format": DDI_FORMAT, "cost": net.cost_unit, "channel_gates": net.channel_gates,
-                 "layer_gates": net.layer_gates, "exits": len(net.exits) > 0, "input_size": list(net.input_size),
-                 "channel_mode": net.channel_mode, "widths": list(net.widths),
-                 "table": net.table.to_dict(), "budget_exits": net.budget_exits,
-                 "state_dict": net.state_dict(), **meta}, path)
+    atomic_save({"format": DDI_FORMAT, "config": net.config.to_dict(), "table": net.table.to_dict(),
+                 "budget_exits": net.budget_exits, "state_dict": net.state_dict(), **meta}, path)
+
+
+# the conversion's fields as checkpoints stored them before DDIConfig
+_FLAT_KEYS = ("cost", "channel_gates", "layer_gates", "exits", "input_size", "channel_mode", "widths")
 
 
 def load_ddi(path: str) -> tuple[DDINet, dict]:
-    """(DDINet, metadata) from a file written by train_ddi / save_ddi. A latency table is the one
-    measured where the net was trained; call `net.measure_costs("latency")` to re-time it here."""
+    """(DDINet, metadata) from a file written by train_ddi / save_ddi; a damaged or foreign file
+    is a CheckpointError (a ValueError) naming it. A latency table is the one measured where the
+    net was trained; call `net.measure_costs("latency")` to re-time it here."""
     from pyeff.ddi.costs import CostTable
     from pyeff.models import create_model
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no DDI checkpoint at {path} (pyeff ddi train writes <out>/ddi.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != DDI_FORMAT:
-        raise ValueError(f"{path} is not a pyeff DDI checkpoint (pyeff ddi train writes <out>/ddi.pt)")
+    ckpt = read_checkpoint(path, what="pyeff DDI checkpoint", format=DDI_FORMAT,
+                           required=("model", "num_classes", "in_channels", "state_dict", "table"),
+                           advice="give a ddi.pt that pyeff ddi train wrote (<out>/ddi.pt)")
+    if "config" in ckpt:
+        config = DDIConfig.from_dict(ckpt["config"])
+    else:
+        config = DDIConfig(**{k: ckpt[k] for k in _FLAT_KEYS if k in ckpt})
     base = create_model(ckpt["model"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"])
-    unit = ckpt["cost"] if ckpt["cost"] != "latency" else "flops"  # the stored table replaces it below
-    net = convert(base, cost=unit, channel_gates=ckpt["channel_gates"], layer_gates=ckpt["layer_gates"],
-                  exits=ckpt["exits"], input_size=tuple(ckpt["input_size"]), copy_model=False,
-                  channel_mode=ckpt.get("channel_mode", "mask"), widths=tuple(ckpt.get("widths", DEFAULT_WIDTHS)))
+    # a stored latency table replaces the one conversion would time: convert with FLOPs, then restore
+    net = convert(base, config.replace(cost="flops") if config.cost == "latency" else config, copy_model=False)
+    net.config = config
     net.load_state_dict(ckpt["state_dict"])
-    net.table, net.cost_unit = CostTable.from_dict(ckpt["table"]), ckpt["cost"]
+    net.table, net.cost_unit = CostTable.from_dict(ckpt["table"]), config.cost
     if ckpt.get("budget_exits"):
         net.budget_exits = {float(k): int(v) for k, v in ckpt["budget_exits"].items()}
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "table")}

@@ -1,68 +1,57 @@
-"""`pyeff dfs train|eval`: the DFS recipe and the evaluation of its result."""
+"""`pyeff dfs train|eval`: the DFS recipe and the evaluation of its result. The train options are
+generated from DFSRecipe (the recipe's settings) and DFSConfig (the conversion's)."""
 from __future__ import annotations
 
 import argparse
 import json
 
-from pyeff.dfs.model import PAPER_BITS
-
-
-def _bits(text: str):
-    try:
-        return tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--bits takes comma-separated integers such as 0,8,16,32, got {text!r}")
+# option names kept from before the options were generated
+FLAGS = {"dataset": ["--data", "--dataset"], "out_dir": ["--out"]}
 
 
 def register(subparsers):
-    from pyeff.dfs.recipe import DEFAULT_BETA
-    from pyeff.train.cli import add_recipe_run_args
+    from pyeff.config import add_config_args
+    from pyeff.dfs.config import TRAIN_MODES, DFSConfig
+    from pyeff.dfs.recipe import DFSRecipe
 
     p = subparsers.add_parser("dfs", help="DFS (dynamic fractional skipping): train and evaluate",
                               description="Dynamic fractional skipping: per sample and residual block, skip, "
                                           "quantise or run the block in full precision.")
     sub = p.add_subparsers(dest="dfs_command", metavar="{train,eval}")
     t = sub.add_parser("train", help="the 3-phase recipe: float net, gate toward 100%%, both toward the target",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = t.add_argument
-    a("--model", default="resnet38", help="zoo model (a residual network)")
-    a("--data", "--dataset", dest="dataset", default="shapes", help="dataset name")
-    a("--data-dir", default=None, help="directory of on-disk datasets")
-    a("--bits", type=_bits, default=PAPER_BITS, help="choices: 0 = skip, 2-16 bits, 32 = full precision")
-    a("--target", type=float, default=25.0, help="target computation percentage (bit-product cost)")
-    a("--beta", type=float, default=DEFAULT_BETA, help="weight of the cost term (paper: 1e-5 for 64k iterations)")
-    a("--train-mode", choices=["all", "routed"], default="all",
-      help="all = every candidate then mask (paper-exact gate gradients); routed = only the chosen path")
-    a("--gate-epochs", type=int, default=1, help="phase 2 epochs (gate only, toward 100%%)")
-    a("--dfs-epochs", type=int, default=5, help="phase 3 epochs (both, toward --target)")
-    a("--gate-lr", type=float, default=0.01, help="phase 2 learning rate")
-    a("--dfs-lr", type=float, default=0.02, help="phase 3 learning rate")
-    add_recipe_run_args(a, "dfs")
+                       description="(1) the float network (or --base-checkpoint); (2) convert, train the gate "
+                                   "alone toward 100% computation; (3) network and gate toward --target. "
+                                   "Every setting is checked before phase 1.")
+    add_config_args(t, DFSRecipe, title="recipe (pyeff.dfs.recipe.DFSRecipe)", flags=FLAGS,
+                    help={"out_dir": "output folder (phase folders and dfs.pt)"})
+    add_config_args(t, DFSConfig, title="conversion (pyeff.dfs.DFSConfig)", choices={"train_mode": TRAIN_MODES},
+                    help={"bits": "the gate's choices, comma-separated ascending: 0 = skip, 2-16 = the residual "
+                                  "branch quantised to that many bits, 32 = full precision",
+                          "gate_bias": "initial logit bias per choice of the gate (one per bit width; none: "
+                                       "favour the widest choice); negative values as --gate-bias=-1,0,2"})
     t.set_defaults(func=train_main)
-    e = sub.add_parser("eval", help="accuracy, computation %%, wall-clock vs the dense model, decision stats",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("eval", help="accuracy, computation %%, wall-clock vs the dense model, decision stats")
     e.add_argument("--checkpoint", required=True, help="dfs.pt written by pyeff dfs train")
-    e.add_argument("--data-dir", default=None, help="directory of on-disk datasets")
-    e.add_argument("--test-subset", type=int, default=None, help="evaluate on this many images")
-    e.add_argument("--batch-size", type=int, default=128, help="batch size (also of the timing)")
-    e.add_argument("--time", type=float, default=2.0, help="seconds of timing per model")
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--data-dir", default=None, help="directory of on-disk datasets (default: the dataset's own)")
+    e.add_argument("--test-subset", type=int, default=None, help="evaluate on this many images (default: all)")
+    e.add_argument("--batch-size", type=int, default=128, help="batch size, also of the timing (default: 128)")
+    e.add_argument("--time", type=float, default=2.0, help="seconds of timing per model (default: 2.0)")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     e.set_defaults(func=eval_main)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
     return p
 
 
 def train_main(args) -> int:
-    from pyeff.dfs.recipe import train_dfs
+    from pyeff.config import config_from_args
+    from pyeff.dfs.config import DFSConfig
+    from pyeff.dfs.recipe import DFSRecipe, train_dfs
 
-    res = train_dfs(args.model, args.dataset, bits=args.bits, target=args.target, beta=args.beta,
-                    train_mode=args.train_mode, base_epochs=args.base_epochs, gate_epochs=args.gate_epochs,
-                    dfs_epochs=args.dfs_epochs, lr=args.lr, gate_lr=args.gate_lr, dfs_lr=args.dfs_lr,
-                    batch_size=args.batch_size, train_subset=args.train_subset, test_subset=args.test_subset,
-                    data_dir=args.data_dir, seed=args.seed, device=args.device, out_dir=args.out,
-                    base_checkpoint=args.base_checkpoint, threads=args.threads)
+    recipe = config_from_args(DFSRecipe, args)
+    config = config_from_args(DFSConfig, args)
+    res = train_dfs(recipe, config)
     last = res["history"]["phase3"][-1]
-    print(f"DFS {args.model} on {args.dataset}, bits {args.bits}, target {args.target}%: test acc "
+    print(f"DFS {recipe.model} on {recipe.dataset}, bits {config.bits}, target {recipe.target}%: test acc "
           f"{100 * last['test_acc']:.2f}%, computation {last['computation_pct']:.1f}%; saved {res['checkpoint']}")
     return 0
 

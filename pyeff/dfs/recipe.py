@@ -16,14 +16,15 @@ gated blocks) a beta of about 0.5-2 reaches the target within a few hundred step
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from dataclasses import dataclass
 
-import torch
-
-from pyeff.dfs.model import PAPER_BITS, DFSNet, convert
+from pyeff.dfs.config import DFSConfig
+from pyeff.dfs.model import DFSNet, convert
 from pyeff.dynamic.hook import CostHingeHook
-from pyeff.train import TrainConfig, run_training
-from pyeff.train.phases import float_phase, load_base, recipe_config, run_history, sgd  # noqa: F401 (re-exported)
+from pyeff.train import run_training
+from pyeff.train.checkpoint import read_checkpoint
+from pyeff.train.phases import (RecipeConfig, check_int, check_number, float_phase, load_base,  # noqa: F401
+                                recipe_config, run_history, sgd, split_overrides)  # (re-exported)
 
 PAPER_BETA = 1e-5
 DEFAULT_BETA = 5.0
@@ -48,57 +49,110 @@ class DFSHook(CostHingeHook):
         super().__init__(target, beta)
 
 
-def train_dfs(model: str = "resnet38", dataset: str = "shapes", *, bits: Sequence[int] = PAPER_BITS,
-              target: float = 25.0, beta: float = DEFAULT_BETA, train_mode: str = "all",
-              base_epochs: int = 10, gate_epochs: int = 1, dfs_epochs: int = 5, lr: float = 0.1,
-              gate_lr: float = 0.01, dfs_lr: float = 0.02, batch_size: int = 128,
-              train_subset=None, test_subset=None, data_dir=None, seed: int = 0, device: str = "auto",
-              out_dir: str = "runs/dfs", base_model=None, base_checkpoint=None, data=None,
-              calibrate_batches: int = 4, verbose: bool = True, threads=None) -> dict:
-    """Run the 3-phase recipe; returns {"net", "base", "history": {phase: [...]}, "checkpoint"}.
+@dataclass
+class DFSRecipe(RecipeConfig):
+    """The DFS recipe's settings (the conversion's are a DFSConfig); validated on construction, so
+    a bad value fails before phase 1.
 
-    `base_model` (an nn.Module) or `base_checkpoint` (a pyeff checkpoint of `model`) skips phase 1.
-    `data` = (train_set, test_set) skips loading. Each phase writes its own run folder under
-    `out_dir` (phase1-float, phase2-gate, phase3-dfs); the result is saved to out_dir/dfs.pt.
+    target: target computation percentage (bit-product cost, 0-100).
+    beta: weight of the cost term (the paper's 1e-5 belongs to its 64k-iteration schedule).
+    gate_epochs: phase 2 epochs (gate only, network frozen, toward 100%; 0 skips the phase).
+    dfs_epochs: phase 3 epochs (network and gate toward the target).
+    gate_lr: phase 2 learning rate.
+    dfs_lr: phase 3 learning rate.
+    calibrate_batches: training batches that calibrate the activation ranges after conversion.
     """
+    beta: float = DEFAULT_BETA
+    out_dir: str = "runs/dfs"
+    gate_epochs: int = 1
+    dfs_epochs: int = 5
+    gate_lr: float = 0.01
+    dfs_lr: float = 0.02
+    calibrate_batches: int = 4
+
+    @classmethod
+    def _what(cls) -> str:
+        return "DFS recipe"
+
+    def validate(self) -> "DFSRecipe":
+        super().validate()
+        check_int(self, "gate_epochs", lo=0)
+        check_int(self, "dfs_epochs", lo=1)
+        check_number(self, "gate_lr", lo=0, lo_open=True)
+        check_number(self, "dfs_lr", lo=0, lo_open=True)
+        check_int(self, "calibrate_batches", lo=1)
+        return self
+
+
+def check_convertible(model, config: DFSConfig, model_name: str) -> None:
+    """Raise ValueError unless DFS can convert `model` (DFS's own conversion on a copy: no forward)."""
+    try:
+        convert(model, config)
+    except TypeError as exc:
+        raise ValueError(f"DFS cannot convert model {model_name!r}: {exc}") from None
+
+
+def train_dfs(recipe: DFSRecipe | None = None, config: DFSConfig | None = None, *, base_model=None, data=None,
+              verbose: bool = True, **overrides) -> dict:
+    """Run the 3-phase recipe; returns {"net", "base", "history": {phase: [...]}, "checkpoint", "data"}.
+
+    Args:
+        recipe: the recipe's settings (default DFSRecipe()).
+        config: the conversion (default DFSConfig()).
+        base_model: an nn.Module that skips phase 1 (as does recipe.base_checkpoint).
+        data: (train_set, test_set), skips loading.
+        overrides: fields of either, e.g. train_dfs(model="resnet20", bits=(0, 8, 32), target=40).
+
+    Everything is checked before phase 1: the settings, the base checkpoint, and that DFS can
+    convert the model. Each phase writes its own run folder under recipe.out_dir (phase1-float,
+    phase2-gate, phase3-dfs); the result goes to <out_dir>/dfs.pt with config and recipe.
+    """
+    from pyeff.models import create_model
     from pyeff.train import load_data
 
-    common = recipe_config(model=model, dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                           train_subset=train_subset, test_subset=test_subset, device=device, threads=threads)
+    recipe, config = split_overrides(recipe, config, overrides, DFSRecipe, DFSConfig, "train_dfs")
+    r = recipe
+    common = r.common()
+    gate_cfg = r.train_config(epochs=max(r.gate_epochs, 1), lr=r.gate_lr, schedule="constant",
+                              out_dir=os.path.join(r.out_dir, "phase2-gate"))
+    dfs_cfg = r.train_config(epochs=r.dfs_epochs, lr=r.dfs_lr, out_dir=os.path.join(r.out_dir, "phase3-dfs"))
     if data is None:
-        data = load_data(TrainConfig(**common))
+        data = load_data(r.train_config())
     train_set, test_set = data
+    n_cls, in_ch = train_set.num_classes, train_set.images.shape[1]
+    if base_model is None and r.base_checkpoint is not None:
+        base_model = load_base(r.model, r.base_checkpoint, n_cls, in_ch)
+    check_convertible(base_model if base_model is not None else create_model(r.model, num_classes=n_cls,
+                                                                              in_channels=in_ch), config, r.model)
     history = {}
-    base_model, h1 = float_phase(common, data, epochs=base_epochs, lr=lr, out_dir=out_dir, base_model=base_model,
-                                 base_checkpoint=base_checkpoint, verbose=verbose)
+    base_model, h1 = float_phase(common, data, epochs=r.base_epochs, lr=r.lr, out_dir=r.out_dir,
+                                 base_model=base_model, verbose=verbose)
     if h1 is not None:
         history["phase1"] = h1
 
-    net = convert(base_model, bits=bits, train_mode=train_mode)
+    net = convert(base_model, config)
     # phase 2: the frozen float network; only the gate learns, toward full execution
-    net.calibrate(calibration_batches(train_set, batch_size, calibrate_batches, seed))
-    if gate_epochs:
+    net.calibrate(calibration_batches(train_set, r.batch_size, r.calibrate_batches, r.seed))
+    if r.gate_epochs:
         net.freeze_base = True
         for p in net.base_parameters():
             p.requires_grad_(False)
-        cfg = TrainConfig(epochs=gate_epochs, lr=gate_lr, schedule="constant",
-                          out_dir=os.path.join(out_dir, "phase2-gate"), **common)
-        run_training(cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net, data=data, verbose=verbose,
-                     optimizer=sgd(net.gate_parameters(), gate_lr))
-        history["phase2"] = run_history(cfg)
+        run_training(gate_cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net, data=data, verbose=verbose,
+                     optimizer=sgd(net.gate_parameters(), r.gate_lr))
+        history["phase2"] = run_history(gate_cfg)
         net.freeze_base = False
         for p in net.base_parameters():
             p.requires_grad_(True)
     # phase 3: network and gate toward the target
-    cfg = TrainConfig(epochs=dfs_epochs, lr=dfs_lr, out_dir=os.path.join(out_dir, "phase3-dfs"), **common)
-    trainer = run_training(cfg, hooks=[DFSHook(target, beta)], model=net, data=data, verbose=verbose,
-                           optimizer=sgd(net.parameters(), dfs_lr))
+    trainer = run_training(dfs_cfg, hooks=[DFSHook(r.target, r.beta)], model=net, data=data, verbose=verbose,
+                           optimizer=sgd(net.parameters(), r.dfs_lr))
     history["phase3"] = trainer.history
     net = trainer.model
-    path = os.path.join(out_dir, "dfs.pt")
-    save_dfs(net, path, model=model, dataset=dataset, num_classes=train_set.num_classes,
-             in_channels=train_set.images.shape[1], target=target, beta=beta)
-    return {"net": net, "base": base_model, "history": history, "checkpoint": path, "data": data}
+    path = os.path.join(r.out_dir, "dfs.pt")
+    save_dfs(net, path, model=r.model, dataset=r.dataset, num_classes=n_cls, in_channels=in_ch,
+             recipe=r.to_dict())
+    return {"net": net, "base": base_model, "history": history, "checkpoint": path, "data": data,
+            "recipe": r, "config": net.config}
 
 
 def calibration_batches(dataset, batch_size: int, batches: int, seed: int = 0):
@@ -110,23 +164,28 @@ def calibration_batches(dataset, batch_size: int, batches: int, seed: int = 0):
 
 
 def save_dfs(net: DFSNet, path: str, **meta) -> None:
+    """Write `net` (its DFSConfig as a dict, its weights) and `meta` (model, dataset, num_classes,
+    in_channels: what load_dfs needs to rebuild the base; recipe: the recipe's fields)."""
     from pyeff.train import atomic_save
 
-    atomic_save({"format": DFS_FORMAT, "bits": list(net.bits), "train_mode": net.train_mode,
-                 "state_dict": net.state_dict(), **meta}, path)
+    atomic_save({"format": DFS_FORMAT, "config": net.config.to_dict(), "state_dict": net.state_dict(), **meta},
+                path)
 
 
 def load_dfs(path: str) -> tuple[DFSNet, dict]:
-    """(DFSNet, metadata) from a file written by train_dfs / save_dfs."""
+    """(DFSNet, metadata) from a file written by train_dfs / save_dfs; a damaged or foreign file
+    is a CheckpointError (a ValueError) naming it."""
     from pyeff.models import create_model
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no DFS checkpoint at {path} (pyeff dfs train writes <out>/dfs.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != DFS_FORMAT:
-        raise ValueError(f"{path} is not a pyeff DFS checkpoint (pyeff dfs train writes <out>/dfs.pt)")
+    ckpt = read_checkpoint(path, what="pyeff DFS checkpoint", format=DFS_FORMAT,
+                           required=("model", "num_classes", "in_channels", "state_dict"),
+                           advice="give a dfs.pt that pyeff dfs train wrote (<out>/dfs.pt)")
+    if "config" in ckpt:
+        config = DFSConfig.from_dict(ckpt["config"])
+    else:  # written before DFSConfig: the conversion's fields were stored flat
+        config = DFSConfig(bits=tuple(ckpt["bits"]), train_mode=ckpt.get("train_mode", "all"))
     base = create_model(ckpt["model"], num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"])
-    net = convert(base, bits=ckpt["bits"], train_mode=ckpt.get("train_mode", "all"), copy_model=False)
+    net = convert(base, config, copy_model=False)
     net.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return net.eval(), meta

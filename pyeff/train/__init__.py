@@ -6,7 +6,8 @@
 See docs/training.md.
 """
 from pyeff.train.build import build_model, load_data, run_training
-from pyeff.train.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
+from pyeff.train.checkpoint import (CheckpointError, atomic_save, load_checkpoint, read_checkpoint,
+                                    seed_everything)
 from pyeff.train.config import TrainConfig
 from pyeff.train.hooks import Hook, LambdaHook, Outputs, split_outputs
 from pyeff.train.loop import LRSchedule, Trainer
@@ -15,6 +16,6 @@ from pyeff.train.metrics import format_table, plot_curves, read_jsonl, write_met
 __all__ = [
     "TrainConfig", "Trainer", "Hook", "LambdaHook", "Outputs", "split_outputs", "LRSchedule",
     "run_training", "build_model", "load_data", "CheckpointError", "atomic_save",
-    "load_checkpoint", "seed_everything", "write_metrics", "read_jsonl", "plot_curves",
+    "load_checkpoint", "read_checkpoint", "seed_everything", "write_metrics", "read_jsonl", "plot_curves",
     "format_table",
 ]

@@ -3,12 +3,15 @@
 `atomic_save` writes to a temporary file in the target's directory, flushes and fsyncs it, then
 `os.replace`s it over the target, so a crash at any point leaves either the old checkpoint or the
 new one, never a torn file. Checkpoints load with `weights_only=True`: they hold only tensors and
-plain Python containers (hook states must too).
+plain Python containers (hook states must too). `read_checkpoint` is the one reader of every file
+pyeff writes (training checkpoints, best.pt, DFS and DDI checkpoints): a damaged or foreign file
+is a CheckpointError naming it, never a raw unpickling traceback.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -49,21 +52,56 @@ def atomic_save(obj, path) -> None:
         pass
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load failed, without torch's advice to load with weights_only=False (wrong for a
+    damaged file, and unsafe for a foreign one)."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if m:
+        reason = " ".join(m.group(1).split())
+        if reason.startswith("Unsupported global"):
+            return f"it holds pickled Python objects a checkpoint never contains ({reason[:160]})"
+        return f"{type(exc).__name__}: {reason[:160]}"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def read_checkpoint(path, *, what: str = "checkpoint", format=None, required=(), advice: str = "",
+                    map_location="cpu") -> dict:
+    """Load a file pyeff wrote with torch.save (weights_only=True), or raise CheckpointError (a
+    ValueError) that names the file, says what is wrong with it and ends with `advice`.
+
+    Args:
+        what: what the file should be, for the messages ("DFS checkpoint", ...).
+        format: the value its "format" key must have (None: any dict).
+        required: keys it must hold.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {what} at {path}" + (f" ({advice})" if advice else ""))
+    tail = f"; {advice}" if advice else ""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a {what}{tail}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (truncated zip, bad pickle, foreign object types, ...)
+        raise CheckpointError(f"{what} {path} is corrupt, truncated or not a pyeff file and cannot be "
+                              f"read ({_load_failure(exc)}){tail}") from None
+    if not isinstance(ckpt, dict) or (format is not None and ckpt.get("format") != format):
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise CheckpointError(f"{path} is not a {what}" + (f" (it is a {found!r} file)" if found else "") + tail)
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{what} {path} is incomplete (missing {', '.join(missing)}){tail}")
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint written by the Trainer, or raise CheckpointError saying what to do."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    advice = (f"delete {path} (or choose another output directory) to start fresh")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, foreign object types, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated and cannot be resumed "
-            f"({type(exc).__name__}: {first[:200]}); {advice}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a pyeff training checkpoint; {advice}")
+    advice = f"delete {path} (or choose another output directory) to start fresh"
+    ckpt = read_checkpoint(path, what="pyeff training checkpoint", format=FORMAT, advice=advice,
+                           map_location=map_location)
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {ckpt.get('version')}, "
                               f"this pyeff reads version {VERSION}; {advice}")

@@ -1,9 +1,10 @@
-"""Training configuration: one dataclass, validated on construction."""
+"""Training configuration: one dataclass on pyeff's Config base, validated on construction."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
+
+from pyeff.config import Config
 
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -18,55 +19,90 @@ RUN_DEFINING_FIELDS = (
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Everything the shared loop needs to know. Defaults suit ResNet-20 on the `shapes` set.
 
     `epochs` is the *final* number of epochs: the learning-rate schedule is laid out over it, so a
     run interrupted at epoch k and resumed with the same config ends exactly where an
     uninterrupted run does.
+
+    model: model name from the zoo (`pyeff.models.list_models()`, `torchvision.<name>`); a module
+        you pass to the Trainer yourself needs a name registered with `pyeff.models.register_model`.
+    dataset: dataset name (`pyeff.data.list_datasets()`; shapes is embedded, no download).
+    data_dir: directory of on-disk datasets (cifar10, cifar100).
+    image_size: resize the dataset's images to this size.
+    epochs: total epochs; the LR schedule spans them.
+    batch_size: global batch size, split over DDP ranks.
+    lr: peak learning rate of SGD.
+    momentum: SGD momentum.
+    nesterov: Nesterov momentum.
+    weight_decay: weight decay.
+    schedule: LR schedule (cosine, step or constant), stepped every batch.
+    milestones: epochs where the step schedule multiplies the LR by gamma, comma-separated.
+    gamma: step-schedule factor.
+    warmup: epochs of linear warm-up.
+    seed: random seed (model init, data order, augmentation, subsets).
+    out_dir: output directory.
+    resume: continue from <out>/checkpoint.pt if it exists.
+    overwrite: start fresh even if <out> already holds a checkpoint.
+    train_subset: train on this many images (class-balanced, seeded).
+    test_subset: evaluate on this many images (class-balanced, seeded).
+    augment: the dataset's standard crop/flip augmentation.
+    label_smoothing: label smoothing of the training loss.
+    grad_clip: max gradient norm, 0 = off.
+    device: auto, cpu, cuda or cuda:N.
+    threads: torch CPU threads.
+    progress: progress bars.
+    save_best: also keep best.pt, the weights of the epoch with the best test accuracy.
+    find_unused_parameters: DDP option, for models that skip blocks.
     """
 
     model: str = "resnet20"
     dataset: str = "shapes"
     data_dir: Optional[str] = None
-    image_size: Optional[int] = None        # resize the dataset's images (None: native size)
+    image_size: Optional[int] = None        # None: the dataset's native size
     epochs: int = 10
-    batch_size: int = 128                   # global batch; each of N ranks gets batch_size // N
+    batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"                # cosine | step | constant, stepped every batch
-    milestones: Tuple[int, ...] = ()        # epochs where "step" multiplies lr by gamma
-    gamma: float = 0.1                      # (empty: at 50% and 75% of the epochs)
-    warmup: int = 0                         # epochs of linear warm-up from lr/warmup_steps
+    schedule: str = "cosine"
+    milestones: Tuple[int, ...] = ()        # empty: at 50% and 75% of the epochs
+    gamma: float = 0.1
+    warmup: int = 0
     seed: int = 0
     out_dir: Optional[str] = None           # None: runs/<model>-<dataset>-<timestamp>
-    resume: bool = False                    # continue from out_dir/checkpoint.pt if it exists
-    overwrite: bool = False                 # allow starting fresh over an existing checkpoint
-    train_subset: Optional[int] = None      # use this many training images (quick runs)
+    resume: bool = False
+    overwrite: bool = False
+    train_subset: Optional[int] = None
     test_subset: Optional[int] = None
-    augment: bool = True                    # the dataset's standard augmentation (crop/flip)
+    augment: bool = True
     label_smoothing: float = 0.0
-    grad_clip: float = 0.0                  # max gradient norm; 0 disables
-    device: str = "auto"                    # auto | cpu | cuda
-    threads: Optional[int] = None           # torch.set_num_threads; None leaves it alone
-    progress: Optional[bool] = None         # tqdm bars; None: only when stderr is a TTY
-    save_best: bool = True                  # also keep best.pt (weights of the best test acc)
-    find_unused_parameters: bool = False    # DDP option, for models that skip blocks
+    grad_clip: float = 0.0                  # 0 disables
+    device: str = "auto"
+    threads: Optional[int] = None           # None leaves torch's setting alone
+    progress: Optional[bool] = None         # None: only when stderr is a TTY
+    save_best: bool = True
+    find_unused_parameters: bool = False
 
-    def __post_init__(self):
-        self.milestones = tuple(int(m) for m in (self.milestones or ()))
-        self.validate()
+    @classmethod
+    def _what(cls) -> str:
+        return "training config"
 
     def validate(self) -> "TrainConfig":
         def bad(msg):
             raise ValueError(f"invalid training config: {msg}")
 
+        try:
+            self.milestones = tuple(int(m) for m in (self.milestones or ()))
+        except (TypeError, ValueError):
+            bad(f"milestones must be epochs (integers), got {self.milestones!r}")
         if not isinstance(self.model, str) or not self.model:
             bad("model must be a non-empty name such as 'resnet20'")
         if not isinstance(self.dataset, str) or not self.dataset:
             bad("dataset must be a non-empty name such as 'shapes'")
+        _check_names(self.model, self.dataset, bad)
         if int(self.epochs) != self.epochs or self.epochs <= 0:
             bad(f"epochs must be a positive integer, got {self.epochs!r}")
         if int(self.batch_size) != self.batch_size or self.batch_size <= 0:
@@ -99,22 +135,6 @@ class TrainConfig:
             bad(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         return self
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
     def effective_milestones(self) -> Tuple[int, ...]:
         if self.milestones:
             return self.milestones
@@ -131,3 +151,16 @@ class TrainConfig:
             if a != b:
                 out.append(f"{k}: checkpoint has {b!r}, this run has {a!r}")
         return out
+
+
+def _check_names(model: str, dataset: str, bad) -> None:
+    # imported here: pyeff.models and pyeff.data import torch's model and data code, which a
+    # process that only reads configs (pyeff --help) need not pay for; neither imports pyeff.train
+    from pyeff.data import list_datasets
+    from pyeff.models import is_model, list_models
+
+    if not is_model(model):
+        bad(f"unknown model {model!r}; known models: {', '.join(list_models())} (and torchvision.<name>; "
+            "a model of your own needs a name registered with pyeff.models.register_model)")
+    if dataset not in list_datasets():
+        bad(f"unknown dataset {dataset!r}; known datasets: {', '.join(list_datasets())}")
