@@ -9,8 +9,8 @@ Baselines:
               quantized::conv2d with a prepacked int8 per-channel weight (prepacked once, output
               scale calibrated once) -> dequantize.
 pyeff's times include everything per call: the min-max pass, quantisation, the integer conv and
-the dequantising epilogue (the weight's quantisation is cached per weight tensor and version, as
-in a layer whose weights do not change between calls).
+the dequantising epilogue (the weight's quantised, packed form is kept in a WeightPacks, as
+pyeff.nn.QuantConv2d keeps it, and checked against the weight's contents on every call).
 """
 import warnings
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pyeff.bench import harness
 from pyeff.ops import quant_conv2d
+from pyeff.ops.packs import WeightPacks
 
 SHAPES = [  # (name, N, C, K, H)
     ("resnet-cifar 16ch 32px", 128, 16, 16, 32),
@@ -59,10 +60,11 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
         x = torch.randn(N, C, H, H, device=device)
         w = torch.randn(K, C, 3, 3, device=device) * 0.1
         b = torch.randn(K, device=device)
+        packs = WeightPacks()
         fns = {"fp32": lambda: F.conv2d(x, w, b, padding=1),
-               "8": lambda: quant_conv2d(x, w, b, padding=1, w_bits=8, a_bits=8),
-               "16": lambda: quant_conv2d(x, w, b, padding=1, w_bits=16, a_bits=16),
-               "4": lambda: quant_conv2d(x, w, b, padding=1, w_bits=4, a_bits=4)}
+               "8": lambda: quant_conv2d(x, w, b, padding=1, w_bits=8, a_bits=8, packs=packs),
+               "16": lambda: quant_conv2d(x, w, b, padding=1, w_bits=16, a_bits=16, packs=packs),
+               "4": lambda: quant_conv2d(x, w, b, padding=1, w_bits=4, a_bits=4, packs=packs)}
         if device == "cpu":  # round-robin, so that load from other processes hits every variant alike
             fns["int8"] = torch_int8_pipeline(x, w, b)
             t = harness.interleaved_medians(fns, rounds=10 if quick else 25, settle=2)
@@ -87,7 +89,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
                       "quantized::conv2d (weights prepacked once) + dequantize"},
         out_dir, device, keep_memory=keep_memory,
         notes="x ...: speed-up of pyeff over the baseline measured in the same run (higher is better). "
-              "pyeff's output is channels_last; its weight quantisation is cached per weight version.")
+              "pyeff's output is channels_last; its packed weights are kept in a WeightPacks, as in a layer.")
     return rows
 
 

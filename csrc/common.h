@@ -4,6 +4,14 @@
 #include <c10/util/Optional.h>
 #include <cstdint>
 
+// Hot CPU loops are compiled for AVX-512, AVX2 and baseline x86-64, and the loader picks the best
+// one the running CPU supports, so one wheel is fast on every machine.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__) && !defined(__CUDACC__)
+#define PYEFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYEFF_CLONES
+#endif
+
 namespace pyeff {
 
 // A tensor viewed as [outer, channels, inner] around an optional channel axis
@@ -36,6 +44,13 @@ inline ChannelLayout channel_layout(const at::Tensor& x, std::optional<int64_t> 
 #else
 #define PYEFF_HD inline
 #endif
+
+// Output length of a convolution along one axis, as PyTorch defines it; 0 when the padded input is
+// shorter than the dilated kernel (C++ division truncates toward zero, so test before dividing).
+PYEFF_HD int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t span = in + 2 * padding - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
 
 PYEFF_HD uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyeff.ops._shapes import conv_out_hw
+
 _BLOCK = 128
 
 
@@ -56,8 +58,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, in_mask: torch.Te
     in_mask, out_mask = in_mask.contiguous(), out_mask.contiguous()
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = conv_out_hw((h, w), (kh, kw), stride, padding, dilation)
     y = torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device)
     if n == 0:
         return y

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyeff.ops._shapes import conv_out_hw
+
 
 @triton.jit
 def _im2col_kernel(x_ptr, out_ptr, pad_ptr, inv, zp, qmax, N, C, H, W, OH, OW, Cg, KW, Kd, M, S,
@@ -60,8 +62,7 @@ def im2col(x, inv, zp, qmax, slices, pad_digits, kernel, stride, padding, dilati
     x = x.to(dtype).contiguous()
     N, C, H, W = x.shape
     KH, KW = kernel
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    OH, OW = conv_out_hw((H, W), (KH, KW), stride, padding, dilation)
     Cg = C // groups
     Kd, M = Cg * KH * KW, N * OH * OW
     out = torch.empty((groups, slices * M, Kd), dtype=torch.int8, device=x.device)
@@ -108,4 +109,8 @@ def epilogue(acc, corr, slices_w, rowsum, a_scale, w_scale, bias, out_shape, out
     out = v * (a_scale * w_scale.to(v.device, torch.float64))
     if bias is not None:
         out = out + bias.to(torch.float64)
-    return out.reshape(N, OH, OW, K).permute(0, 3, 1, 2).to(out_dtype)
+    # written into a channels_last tensor, not returned as a permuted view: autograd refuses in-place
+    # ops (torch.relu_) on a view made inside the op
+    result = torch.empty((N, K, OH, OW), dtype=out_dtype, device=out.device, memory_format=torch.channels_last)
+    result.permute(0, 2, 3, 1).view(-1, K).copy_(out)
+    return result

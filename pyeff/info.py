@@ -28,6 +28,18 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def _triton_state() -> str:
+    """Whether the Triton backend can run here: installed is not enough, its kernels need a GPU
+    (or the interpreter, TRITON_INTERPRET=1, which is for tests)."""
+    from pyeff.ops import _backend
+
+    if not _backend.triton_available():
+        return "not installed"
+    if torch.cuda.is_available():
+        return "yes"
+    return "installed; no GPU" + (" (interpreted on the CPU)" if _backend.triton_interpreted() else "")
+
+
 def collect() -> dict:
     import pyeff
     from pyeff import _extension
@@ -46,7 +58,7 @@ def collect() -> dict:
         "extension pyeff._C": "loaded" if _extension.loaded() else f"NOT loaded: {_extension.LOAD_ERROR}",
         "backend CPU (C++)": _extension.loaded(),
         "backend CUDA (compiled)": _extension.built_with_cuda(),
-        "backend Triton": _backend.triton_available(),
+        "backend Triton": _triton_state(),
         "CPU": cpu_model(),
         "CPU threads (torch)": torch.get_num_threads(),
         "CPU features": ", ".join(v for k, v in CPU_FEATURES.items() if k in flags) or "none detected",

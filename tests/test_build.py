@@ -32,3 +32,14 @@ def test_cuda_sources_built_when_toolkit_present():
 
 def test_version():
     assert pyeff.__version__.count(".") == 2
+
+
+def test_info_names_triton_without_a_gpu_as_not_usable(monkeypatch):
+    # regression: `pyeff info` said "backend Triton  yes" on a machine without a GPU
+    from pyeff import info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    state = info.collect()["backend Triton"]
+    assert state == "not installed" or state.startswith("installed; no GPU")
+    line = next(ln for ln in info.render(info.collect()).splitlines() if ln.startswith("backend Triton"))
+    assert not line.endswith("yes")

@@ -130,13 +130,16 @@ def test_triton_interpreted_matches_reference(case, rng):
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[7], CASES[8]])
 def test_portable_loop_nest_matches_reference(case, rng, monkeypatch):
-    # strides, groups, float64: the CPU op runs oneDNN on the masked input by default (GENERIC_DENSE);
-    # pyeff's portable C++ kernel, which runs these with GENERIC_DENSE off, is checked here
-    monkeypatch.setattr(mc, "GENERIC_DENSE", False)
+    # strides, groups, float64: the CPU op runs oneDNN on the masked input by default; pyeff's
+    # portable C++ kernel, which runs these when the kernel strategy is forced, is checked here
+    monkeypatch.setenv(mc.STRATEGY_ENV, "kernel")
     for dtype in (torch.float32, torch.float64):
         x, w, b, conf = _inputs(case, rng, dtype)
         for kind in ("per_sample_both", "shared_out", "all_off"):
             im, om = _masks(kind, x.shape[0], x.shape[1], w.shape[0], rng)
+            every = (im is None or bool(im.all())) and bool(om.all())  # nothing to skip: the dense conv
+            assert mc.cpu_strategy(x, w, in_mask=im, out_mask=om, stride=conf["stride"],
+                                   groups=conf["groups"]) == ("dense" if every else "kernel")
             got = masked_conv2d(x, w, b, in_mask=im, out_mask=om, backend="native", **conf)
             torch.testing.assert_close(got, _ref(x, w, b, conf, im, om), **_tol(dtype))
 
@@ -161,14 +164,18 @@ def test_large_batch_thread_split_and_density_strategies(rng, monkeypatch):
     # ResNet-CIFAR-like shape, densities that take the direct kernel and the dense fallback
     x = torch.randn(37, 16, 16, 16, generator=rng)
     w = torch.randn(32, 16, 3, 3, generator=rng)
+    picked = set()
     for p in (0.05, 0.25, 0.5, 0.95):
         om = torch.rand(37, 32, generator=rng) < p
         im = torch.rand(37, 16, generator=rng) < max(p, 0.5)
+        picked.add(mc.cpu_strategy(x, w, in_mask=im, out_mask=om))
         got = masked_conv2d(x, w, padding=1, in_mask=im, out_mask=om, backend="native")
         torch.testing.assert_close(got, masked_conv2d_reference(x, w, None, im, om, 1, 1), rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(mc, "DENSE_ABOVE", 2.0)  # force the direct kernel on a full mask row
+    assert "masked_dense" in picked and (picked == {"masked_dense"} or "kernel" in picked)
+    monkeypatch.setenv(mc.STRATEGY_ENV, "kernel")  # force the direct kernel on a full mask row
     om = torch.ones(37, 32, dtype=torch.bool)
     om[0, 0] = False
+    assert mc.cpu_strategy(x, w, out_mask=om) == "kernel"
     got = masked_conv2d(x, w, padding=1, out_mask=om, backend="native")
     torch.testing.assert_close(got, masked_conv2d_reference(x, w, None, om[:, :16].new_ones(1, 16), om, 1, 1),
                                rtol=1e-4, atol=1e-4)
@@ -194,9 +201,24 @@ def test_shared_rows_wide_channels_use_onednn_slice(rng):
     im, om = torch.rand(40, generator=rng) < 0.9, torch.zeros(48, dtype=torch.bool)
     im[torch.randperm(40, generator=rng)[:34]] = True
     om[torch.randperm(48, generator=rng)[:34]] = True  # >= SHARED_ONEDNN active, below DENSE_ABOVE
+    direct_applies = mc.cpu_strategy(x, w, out_mask=torch.rand(3, 48, generator=rng) < 0.1) == "kernel"
     for imask in (im, torch.ones(40, dtype=torch.bool)):
+        assert mc.cpu_strategy(x, w, in_mask=imask, out_mask=om) == ("slice" if direct_applies else "masked_dense")
         got = masked_conv2d(x, w, b, padding=1, in_mask=imask, out_mask=om, backend="native")
         torch.testing.assert_close(got, masked_conv2d_reference(x, w, b, imask[None], om[None], 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_strategy_env_is_checked(rng, monkeypatch):
+    x, w = torch.randn(2, 4, 6, 6, generator=rng), torch.randn(5, 4, 3, 3, generator=rng)
+    om = torch.tensor([True, False] * 2 + [True])
+    monkeypatch.setenv(mc.STRATEGY_ENV, "masked_dense")
+    assert mc.cpu_strategy(x, w, out_mask=om) == "masked_dense"
+    assert mc.cpu_strategy(x, w) == "dense"  # nothing to skip: the dense conv whatever is forced
+    torch.testing.assert_close(masked_conv2d(x, w, padding=1, out_mask=om, backend="native"),
+                               masked_conv2d_reference(x, w, None, om.new_ones(1, 4), om[None], 1, 1))
+    monkeypatch.setenv(mc.STRATEGY_ENV, "fastest")
+    with pytest.raises(ValueError, match="PYEFF_MASKED_CONV_STRATEGY must be one of"):
+        masked_conv2d(x, w, out_mask=om, backend="native")
 
 
 def test_channels_last_input_gives_contiguous_output(rng):

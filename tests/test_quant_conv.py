@@ -1,6 +1,8 @@
 """pyeff.ops.quant_conv2d / quant_linear: every backend and CPU route against the float64
 reference on fresh random inputs, the integer slicing, straight-through gradients, opcheck,
 torch.compile and bad input."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from pyeff.ops import fake_quant, quant_conv2d, quant_conv2d_reference, quant_linear
 from pyeff.ops import _backend
 from pyeff.ops import quant_conv as qc
+from pyeff.ops.packs import WeightPacks
 from conftest import requires_cuda
 
 # (N, C, K, H, W, kernel, stride, padding, dilation, groups)
@@ -32,9 +35,7 @@ def _case(shape, rng, dtype=torch.float32, device="cpu"):
 
 
 def _ref(x, w, b, kw, wb, ab):
-    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-    return quant_conv2d_reference(x, w, b, pair(kw["stride"]), pair(kw["padding"]), pair(kw["dilation"]),
-                                  kw["groups"], wb, ab)
+    return quant_conv2d_reference(x, w, b, **kw, w_bits=wb, a_bits=ab)
 
 
 def test_native_available():
@@ -54,21 +55,31 @@ def test_native_cpu_matches_reference(shape, route, rng, monkeypatch):
             torch.testing.assert_close(got, ref, msg=lambda m: f"{wb}/{ab} bits {dtype} {route}: {m}")
 
 
-def test_cpu_routes_are_all_exercised(rng, monkeypatch):
-    seen = []
-    orig_path, orig_direct = qc._cpu_path, qc._cpu_direct
-    monkeypatch.setattr(qc, "_cpu_path", lambda *a: seen.append(orig_path(*a)) or seen[-1])
-    monkeypatch.setattr(qc, "_cpu_direct", lambda *a: (orig_direct(*a) and not seen.append("direct")))
+def test_cpu_routes_are_all_exercised(rng):
     x, w, b, kw = _case(SHAPES[3], rng)
-    for wb, ab in ((8, 8), (16, 16)):
-        torch.testing.assert_close(quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab), _ref(x, w, b, kw, wb, ab))
     # a long reduction with 16-bit weights exceeds float32's exact range: the int32 GEMM route
     xw, ww = torch.randn(2, 256, 4, 4, generator=rng), torch.randn(8, 256, 3, 3, generator=rng)
     kw1 = dict(stride=1, padding=1, dilation=1, groups=1)
-    torch.testing.assert_close(quant_conv2d(xw, ww, None, padding=1, w_bits=16, a_bits=16),
-                               _ref(xw, ww, None, kw1, 16, 16))
+    cases = [(x, w, b, kw, 8, 8), (x, w, b, kw, 16, 16), (xw, ww, None, kw1, 16, 16)]
+    seen = []
+    for xi, wi, bi, kwi, wb, ab in cases:
+        seen.append(qc.cpu_route(xi, wi, w_bits=wb, a_bits=ab, groups=kwi["groups"]))
+        torch.testing.assert_close(quant_conv2d(xi, wi, bi, **kwi, w_bits=wb, a_bits=ab),
+                                   _ref(xi, wi, bi, kwi, wb, ab))
     if qc.cpu_has_int8_dot():
         assert seen == ["direct", "sliced", "gemm"]
+    else:
+        assert seen == ["gemm"] * 3
+
+
+def test_cpu_route_env_forces_the_gemm_route(rng, monkeypatch):
+    x, w, _, _ = _case(SHAPES[3], rng)
+    monkeypatch.setenv(qc.CPU_PATH_ENV, "gemm")
+    assert qc.cpu_route(x, w, w_bits=8, a_bits=8) == "gemm"
+    assert qc.cpu_route(x.double(), w.double(), w_bits=4, a_bits=4) == "gemm"
+    monkeypatch.setenv(qc.CPU_PATH_ENV, "fastest")
+    with pytest.raises(ValueError, match="PYEFF_QUANT_CONV_CPU_PATH must be one of"):
+        quant_conv2d(x, w, padding=1)
 
 
 def test_half_and_bfloat16(rng):
@@ -113,8 +124,8 @@ def test_linear_matches_reference(rng):
         x = torch.randn(3, 5, 17, generator=rng) * 4
         w, b = torch.randn(11, 17, generator=rng), torch.randn(11, generator=rng)
         got = quant_linear(x, w, b, w_bits=wb, a_bits=ab)
-        ref = quant_conv2d_reference(x.reshape(-1, 17, 1, 1), w.view(11, 17, 1, 1), b, [1, 1], [0, 0], [1, 1], 1,
-                                     wb, ab).reshape(3, 5, 11)
+        ref = quant_conv2d_reference(x.reshape(-1, 17, 1, 1), w.view(11, 17, 1, 1), b, w_bits=wb,
+                                     a_bits=ab).reshape(3, 5, 11)
         assert got.shape == (3, 5, 11)
         torch.testing.assert_close(got, ref)
         # the quantiser's parameters in x's dtype (float32), as the engine's: float64 parameters can move
@@ -130,6 +141,81 @@ def test_weight_cache_follows_in_place_updates(rng):
         w.mul_(-2)
     torch.testing.assert_close(quant_conv2d(x, w, b, **kw), _ref(x, w, b, kw, 8, 8))
     assert not torch.equal(first, quant_conv2d(x, w, b, **kw))
+
+
+def test_packs_keep_the_weight_forms_and_follow_every_change(rng):
+    # the packed weights live in the caller's WeightPacks (no process-wide cache) and are rebuilt
+    # after any change, including edits through .data that leave the version counter alone
+    x, w, b, kw = _case(SHAPES[0], rng)
+    for wb, ab in ((8, 8), (12, 12), (16, 16)):
+        packs = WeightPacks()
+        for edit in (None, lambda: w.data.mul_(2), lambda: w.data.__setitem__(0, 0.0), lambda: w.data.neg_()):
+            if edit is not None:
+                edit()
+            for grad in (False, True):
+                xi = x.clone().requires_grad_(grad)
+                got = quant_conv2d(xi, w, b, **kw, w_bits=wb, a_bits=ab, packs=packs)
+                torch.testing.assert_close(got, _ref(x, w, b, kw, wb, ab), msg=lambda m: f"{wb}/{ab} {m}")
+        assert len(packs) > 0  # the no-grad calls kept their forms there
+
+
+def test_packs_follow_a_replaced_data_tensor_and_a_new_weight(rng):
+    x, w, b, kw = _case(SHAPES[0], rng)
+    packs = WeightPacks()
+    quant_conv2d(x, w, b, **kw, packs=packs)
+    w.data = torch.randn(w.shape, generator=rng)
+    torch.testing.assert_close(quant_conv2d(x, w, b, **kw, packs=packs), _ref(x, w, b, kw, 8, 8))
+    w2 = torch.randn(w.shape, generator=rng)  # another weight through the same packs
+    torch.testing.assert_close(quant_conv2d(x, w2, b, **kw, packs=packs), _ref(x, w2, b, kw, 8, 8))
+
+
+def test_linear_packs_follow_data_edits(rng):
+    x = torch.randn(4, 9, generator=rng)
+    w, b = torch.randn(5, 9, generator=rng), torch.randn(5, generator=rng)
+    packs = WeightPacks()
+    for edit in (None, lambda: w.data.mul_(2), lambda: w.data.__setitem__(0, 0.0)):
+        if edit is not None:
+            edit()
+        for grad in (False, True):
+            got = quant_linear(x.clone().requires_grad_(grad), w, b, packs=packs)
+            ref = quant_conv2d_reference(x[:, :, None, None], w[:, :, None, None], b).reshape(4, 5)
+            torch.testing.assert_close(got, ref)
+    assert len(packs) > 0
+
+
+def test_bad_packs():
+    with pytest.raises(TypeError, match="packs must be a pyeff.ops.packs.WeightPacks"):
+        quant_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), packs={})
+    with pytest.raises(TypeError, match="packs must be"):
+        quant_linear(torch.randn(2, 3), torch.randn(4, 3), packs={})
+
+
+def test_reference_takes_the_op_arguments(rng):
+    # the reference is the op's specification: the same arguments, less backend and packs
+    op, ref = inspect.signature(quant_conv2d), inspect.signature(quant_conv2d_reference)
+    assert [p for n, p in op.parameters.items() if n not in ("backend", "packs")] == list(ref.parameters.values())
+    x, w, b, _ = _case(SHAPES[0], rng)
+    torch.testing.assert_close(quant_conv2d_reference(x, w, b, padding=1, w_bits=8, a_bits=8),
+                               quant_conv2d(x, w, b, padding=1, w_bits=8, a_bits=8))
+
+
+@pytest.mark.parametrize("route", ["auto", "gemm"])
+def test_output_takes_in_place_ops_under_autograd(route, rng, monkeypatch):
+    # the op's output was a view of a permuted NHWC tensor (float64, the GEMM routes), which
+    # autograd refuses to modify in place ("Output 0 of View is a view and is being modified inplace")
+    monkeypatch.setenv(qc.CPU_PATH_ENV, route)
+    for backend in _backends_here():
+        for dtype in (torch.float32,) if backend == "triton" else (torch.float32, torch.float64):
+            for wb, ab in ((8, 8), (16, 16)):
+                x, w, b, kw = _case(SHAPES[0], rng, dtype)
+                x.requires_grad_()
+                y = quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab, backend=backend)
+                assert y._base is None
+                torch.relu_(y).sum().backward()
+                xl = torch.randn(2, 8, generator=rng, dtype=dtype, requires_grad=True)
+                torch.relu_(quant_linear(xl, torch.randn(4, 8, generator=rng, dtype=dtype), w_bits=wb, a_bits=ab,
+                                         backend=backend)).sum().backward()
+                assert xl.grad is not None
 
 
 # ---- autograd, opcheck, compile ----------------------------------------------------------------
@@ -209,7 +295,8 @@ def test_out_scale_and_relu_match_reference(bits, route, rng, monkeypatch):
         x, w, b, kw = _case(shape, rng)
         s = torch.empty(w.shape[0]).uniform_(-2, 2, generator=rng)
         for relu in (False, True):
-            ref = quant_conv2d_reference(x, w, b, *(_pairs(kw)), kw["groups"], wb, ab, None, s, relu)
+            ref = quant_conv2d_reference(x, w, b, *_pairs(kw), kw["groups"], w_bits=wb, a_bits=ab, out_scale=s,
+                                         relu=relu)
             if relu:
                 assert (ref == 0).any() and (ref > 0).any()
             for backend in _backends_here():

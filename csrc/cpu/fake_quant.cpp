@@ -18,12 +18,6 @@
 #include <sys/mman.h>
 #endif
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
-#define PYEFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PYEFF_CLONES
-#endif
-
 namespace pyeff {
 namespace {
 

@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PYEFF_X86 1
 #include <immintrin.h>
@@ -54,8 +56,8 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
   g.dh = dilation[0];
   g.dw = dilation[1];
   g.groups = groups;
-  g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) / g.sh + 1;
-  g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  g.OH = conv_out_size(g.H, g.KH, g.sh, g.ph, g.dh);
+  g.OW = conv_out_size(g.W, g.KW, g.sw, g.pw, g.dw);
   return g;
 }
 

@@ -19,11 +19,7 @@
 #include <tuple>
 #include <vector>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
-#define PYEFF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PYEFF_CLONES
-#endif
+#include "../common.h"
 
 namespace pyeff {
 namespace {
@@ -264,8 +260,8 @@ at::Tensor im2col_cpu(const at::Tensor& digits, at::IntArrayRef pad_digits, at::
   // [S, N, H, W, C] contiguous
   at::Tensor d = digits.permute({0, 1, 3, 4, 2}).contiguous();
   const int64_t KH = kernel[0], KW = kernel[1];
-  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
-  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  const int64_t OH = conv_out_size(H, KH, stride[0], padding[0], dilation[0]);
+  const int64_t OW = conv_out_size(W, KW, stride[1], padding[1], dilation[1]);
   TORCH_CHECK(OH > 0 && OW > 0, "pyeff::quant_conv_im2col: empty output");
   const int64_t Cg = C / groups, Kd = Cg * KH * KW, M = N * OH * OW;
   TORCH_CHECK(k_pad >= Kd, "pyeff::quant_conv_im2col: k_pad ", k_pad, " < ", Kd);
@@ -312,8 +308,8 @@ at::Tensor window_sums_cpu(const at::Tensor& digits_in, at::IntArrayRef zdig, in
               "pyeff::quant_conv_window_sums: bad arguments");
   const at::Tensor d = digits_in.permute({0, 1, 3, 4, 2}).contiguous();  // [S, N, H, W, C]
   const int64_t KH = kernel[0], KW = kernel[1], Cg = C / groups;
-  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
-  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  const int64_t OH = conv_out_size(H, KH, stride[0], padding[0], dilation[0]);
+  const int64_t OW = conv_out_size(W, KW, stride[1], padding[1], dilation[1]);
   at::Tensor out = at::empty({N * OH * OW, groups}, digits_in.options().dtype(at::kDouble));
   const uint8_t* pd = d.data_ptr<uint8_t>();
   double* po = out.data_ptr<double>();
@@ -477,7 +473,9 @@ at::Tensor epilogue_cpu(at::TensorList acc_in, const at::Tensor& corr_in, int64_
   }
   const double* prs = rowsum.defined() ? rowsum.data_ptr<double>() : nullptr;
   const auto write_type = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({N, OH, OW, K}, corr_in.options().device(at::kCPU).dtype(write_type));
+  // allocated as channels_last (NHWC memory) rather than permuted: a view would make the public op's
+  // output a view, which autograd then refuses to modify in place (torch.relu_(y))
+  at::Tensor out = at::empty({N, K, OH, OW}, corr_in.options().device(at::kCPU).dtype(write_type).memory_format(at::MemoryFormat::ChannelsLast));
   if (M > 0 && K > 0) {
     const double* pb = bias.defined() ? bias.data_ptr<double>() : nullptr;
     AT_DISPATCH_SWITCH(acc_type, "quant_conv_epilogue",
@@ -498,7 +496,6 @@ at::Tensor epilogue_cpu(at::TensorList acc_in, const at::Tensor& corr_in, int64_
                                       w_scale.data_ptr<double>(), pb, out.data_ptr<float>(), M, K);
       }));
   }
-  out = out.permute({0, 3, 1, 2});
   return out_dtype == write_type ? out : out.to(out_dtype);
 }
 

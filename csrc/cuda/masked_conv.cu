@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../common.h"
+
 namespace pyeff {
 namespace {
 
@@ -71,8 +73,8 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in
   TORCH_CHECK(in_mask_in.sizes() == at::IntArrayRef({N, C}) && out_mask_in.sizes() == at::IntArrayRef({N, K}),
               op, ": masks must be [N, C] and [N, K]");
   TORCH_CHECK(K <= 65535 && N <= 65535, op, ": at most 65535 samples and output channels");
-  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
-  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  const int64_t OH = conv_out_size(H, KH, stride[0], padding[0], dilation[0]);
+  const int64_t OW = conv_out_size(W, KW, stride[1], padding[1], dilation[1]);
   TORCH_CHECK(OH > 0 && OW > 0, op, ": the output would be empty");
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = x_in.contiguous(), w = w_in.to(x_in.scalar_type()).contiguous();

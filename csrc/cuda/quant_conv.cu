@@ -9,6 +9,8 @@
 
 #include <vector>
 
+#include "../common.h"
+
 namespace pyeff {
 namespace {
 
@@ -97,8 +99,8 @@ at::Tensor im2col_cuda(const at::Tensor& digits, at::IntArrayRef pad_digits, at:
   g.S = digits.size(0); g.N = digits.size(1); g.C = digits.size(2); g.H = digits.size(3); g.W = digits.size(4);
   g.KH = kernel[0]; g.KW = kernel[1]; g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
   g.dh = dilation[0]; g.dw = dilation[1]; g.G = groups; g.Cg = g.C / groups;
-  g.OH = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) / g.sh + 1;
-  g.OW = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  g.OH = conv_out_size(g.H, g.KH, g.sh, g.ph, g.dh);
+  g.OW = conv_out_size(g.W, g.KW, g.sw, g.pw, g.dw);
   g.Kd = g.Cg * g.KH * g.KW; g.M = g.N * g.OH * g.OW; g.k_pad = k_pad;
   TORCH_CHECK(static_cast<int64_t>(pad_digits.size()) == g.S && k_pad >= g.Kd, "pyeff::quant_conv_im2col: bad arguments");
   at::Tensor d = digits.permute({0, 1, 3, 4, 2}).contiguous();
@@ -169,7 +171,9 @@ at::Tensor epilogue_cuda(at::TensorList acc_in, const at::Tensor& corr_in, int64
   at::Tensor bias = bias_in.has_value() ? bias_in->to(dopt).contiguous() : at::Tensor();
   at::Tensor rowsum = rowsum_in.has_value() ? rowsum_in->to(dopt).contiguous() : at::Tensor();
   const auto write_type = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({N, OH, OW, K}, dopt.dtype(write_type));
+  // allocated as channels_last (NHWC memory) rather than permuted: a view would make the public op's
+  // output a view, which autograd then refuses to modify in place (torch.relu_(y))
+  at::Tensor out = at::empty({N, K, OH, OW}, dopt.dtype(write_type).memory_format(at::MemoryFormat::ChannelsLast));
   if (M * K > 0) {
     const int64_t blocks = std::min<int64_t>((M * K + kThreads - 1) / kThreads, 65535);
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -193,7 +197,6 @@ at::Tensor epilogue_cuda(at::TensorList acc_in, const at::Tensor& corr_in, int64
       if (write_type == at::kDouble) launch(float{}, double{}); else launch(float{}, float{});
     }
   }
-  out = out.permute({0, 3, 1, 2});
   return out_dtype == write_type ? out : out.to(out_dtype);
 }
 

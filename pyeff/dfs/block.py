@@ -47,15 +47,7 @@ from pyeff.dfs.config import FULL, TRAIN_MODES, check_bits
 from pyeff.dynamic import masked_all_paths, route
 from pyeff.dynamic.modules import batch_norm, bn_affine, bn_foldable, relu_
 from pyeff.dynamic.net import Controller, DynamicBlock
-try:  # TEMP until pyeff.nn has it
-    from pyeff.nn import quant_conv2d_of
-except ImportError:
-    from pyeff.ops.quant_conv import quant_conv2d as _qc
-    import pyeff.ops.quant_conv as _m; _m._CACHE_SIZE = 4096
-
-    def quant_conv2d_of(conv, x, *, w_bits, a_bits, a_range=None, bias=None, out_scale=None, relu=False):
-        return _qc(x, conv.weight, conv.bias if bias is None else bias, conv.stride, conv.padding, conv.dilation,
-                   conv.groups, w_bits=w_bits, a_bits=a_bits, a_range=a_range, out_scale=out_scale, relu=relu)
+from pyeff.nn import quant_conv2d_of
 from pyeff.ops import fake_quant
 
 

@@ -1,4 +1,5 @@
 """pyeff.nn: drop-in layers built on pyeff's ops."""
-from pyeff.nn.quant import FULL_PRECISION, QuantConv2d, QuantLinear
+from pyeff.nn.quant import FULL_PRECISION, QuantConv2d, QuantLinear, quant_conv2d_of
+from pyeff.nn.quantize import QuantConfig, quantize_
 
-__all__ = ["FULL_PRECISION", "QuantConv2d", "QuantLinear"]
+__all__ = ["FULL_PRECISION", "QuantConv2d", "QuantLinear", "quant_conv2d_of", "QuantConfig", "quantize_"]

@@ -8,16 +8,19 @@ quant_linear (integer arithmetic) at bit widths that may change from call to cal
 
 A width of 32 means "this operand stays float". With one operand at 32 and the other quantised,
 the layer runs the float op on the fake-quantised operand (there is no integer kernel for it).
-The quantised weights are prepared once per weight version and reused while the weight does not
-change (see pyeff.ops.quant_conv).
+The quantised and packed weights live on the layer (pyeff.ops.packs) and are rebuilt whenever the
+weight changes, however it changes (optimizer step, load_state_dict, an edit through .data).
+`quant_conv2d_of(conv, x, ...)` runs any nn.Conv2d the same way (DFS's quantised paths).
 """
 import numbers
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.ops import fake_quant
+from pyeff.ops.packs import packs_of
 from pyeff.ops.quant_conv import quant_conv2d, quant_linear
 
 FULL_PRECISION = 32
@@ -37,6 +40,24 @@ def _resolve(layer, w_bits, a_bits):
     w = layer.w_bits if w_bits is None else _bits("w_bits", w_bits, 2)
     a = layer.a_bits if a_bits is None else _bits("a_bits", a_bits, 1)
     return w, a
+
+
+def _padded(conv: nn.Conv2d, x: Tensor):
+    """(input, integer padding) for quant_conv2d, which takes neither padding strings nor padding
+    modes: 'valid' / 'same' become numbers, a non-zero padding mode pads x explicitly."""
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+    if not isinstance(conv.padding, str):
+        return x, conv.padding
+    if conv.padding == "valid":
+        return x, (0, 0)
+    pads = []
+    for k, d, s in zip(conv.kernel_size, conv.dilation, conv.stride):
+        total = d * (k - 1)
+        if total % 2 or s != 1:
+            raise NotImplementedError("pyeff.nn: padding='same' needs an even dilation * (kernel - 1) and stride 1")
+        pads.append(total // 2)
+    return x, tuple(pads)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -66,31 +87,15 @@ class QuantConv2d(nn.Conv2d):
         q.bias = module.bias
         return q
 
-    def _int_padding(self):
-        if isinstance(self.padding, str):
-            if self.padding == "valid":
-                return (0, 0)
-            pads = []
-            for k, d, s in zip(self.kernel_size, self.dilation, self.stride):
-                total = d * (k - 1)
-                if total % 2 or s != 1:
-                    raise NotImplementedError("pyeff.nn.QuantConv2d: padding='same' needs an even d*(k-1) and stride 1")
-                pads.append(total // 2)
-            return tuple(pads)
-        return self.padding
-
     def forward(self, x: Tensor, w_bits=None, a_bits=None) -> Tensor:
         wb, ab = _resolve(self, w_bits, a_bits)
-        padding = self._int_padding()
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
+        x, padding = _padded(self, x)
         if wb == FULL_PRECISION or ab == FULL_PRECISION:
             xq = x if ab == FULL_PRECISION else fake_quant(x, ab)
             wq = self.weight if wb == FULL_PRECISION else fake_quant(self.weight, wb, scheme="sym", axis=0)
             return F.conv2d(xq, wq, self.bias, self.stride, padding, self.dilation, self.groups)
         return quant_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                            w_bits=wb, a_bits=ab, backend=self.backend)
+                            w_bits=wb, a_bits=ab, backend=self.backend, packs=packs_of(self))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
@@ -122,7 +127,26 @@ class QuantLinear(nn.Linear):
             xq = x if ab == FULL_PRECISION else fake_quant(x, ab)
             wq = self.weight if wb == FULL_PRECISION else fake_quant(self.weight, wb, scheme="sym", axis=0)
             return F.linear(xq, wq, self.bias)
-        return quant_linear(x, self.weight, self.bias, w_bits=wb, a_bits=ab, backend=self.backend)
+        return quant_linear(x, self.weight, self.bias, w_bits=wb, a_bits=ab, backend=self.backend,
+                            packs=packs_of(self))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+
+_CONV_BIAS = object()  # bias not given: the conv's own
+
+
+def quant_conv2d_of(conv: nn.Conv2d, x: Tensor, *, w_bits: int, a_bits: int, a_range=None, bias=_CONV_BIAS,
+                    out_scale: Optional[Tensor] = None, relu: bool = False, backend: Optional[str] = None) -> Tensor:
+    """pyeff.ops.quant_conv2d of `x` with `conv`'s weight, stride, padding (strings and padding modes
+    included), dilation and groups; its packed weights are kept on `conv` (packs_of(conv)), so
+    repeated calls pack once per weight state. `bias` defaults to conv.bias (pass None for none);
+    the other keywords are quant_conv2d's (w_bits 2-16, a_bits 1-16)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"pyeff.nn.quant_conv2d_of expects an nn.Conv2d, got {type(conv).__name__}")
+    x, padding = _padded(conv, x)
+    return quant_conv2d(x, conv.weight, conv.bias if bias is _CONV_BIAS else bias, conv.stride, padding,
+                        conv.dilation, conv.groups, w_bits=w_bits, a_bits=a_bits, a_range=a_range,
+                        out_scale=out_scale, relu=relu, backend=backend, packs=packs_of(conv))

@@ -27,8 +27,11 @@ bench/masked_conv.py and scratch scripts on a shared 2-core AVX-512 Xeon):
     output channels are active; above, one oneDNN conv on the gathered slice scattered into zeros
     (oneDNN wins at 64 channels / 8 px, the direct kernel at 16-32 channels).
   * anything else (stride > 1, groups > 1, float64, CPUs without AVX-512): the dense convolution of
-    the masked input, masked at the output (GENERIC_DENSE); pyeff's portable C++ loop nest, which
-    skips the same work, was measured 13-70x slower than oneDNN there (stride 2, 50% density).
+    the masked input, masked at the output; pyeff's portable C++ loop nest, which skips the same
+    work, was measured 13-70x slower than oneDNN there (stride 2, 50% density).
+`cpu_strategy(...)` reports the choice ("dense", "masked_dense", "slice" or "kernel"); the
+environment variable PYEFF_MASKED_CONV_STRATEGY=masked_dense|kernel forces one where some channel
+is inactive (on any device; for tests and benchmarks).
 The weight gradient uses pyeff's kernel only where it beats oneDNN's dense one (_wgrad_kernel_below);
 the input gradient of a stride-1 conv is the same masked op with the masks swapped.
 CUDA ("native": csrc/cuda/masked_conv.cu) and Triton (kernels/masked_conv.py) run a direct kernel
@@ -36,6 +39,7 @@ that skips inactive planes and input channels.
 """
 import functools
 import numbers
+import os
 from typing import Optional
 
 import torch
@@ -45,6 +49,7 @@ from torch import Tensor
 from pyeff import _extension
 from pyeff.ops import _backend
 from pyeff.ops._checks import check_tensor
+from pyeff.ops._shapes import conv_out_hw
 
 # fastest first (bench/masked_conv.py); on CUDA the Triton kernel has not been timed yet
 PREFERENCE = {"cpu": ("native",), "cuda": ("native", "triton")}
@@ -53,10 +58,9 @@ DENSE_ABOVE = 0.8
 # one mask row shared by the batch with at least this many active inputs and outputs: oneDNN on
 # the gathered slice beats the direct kernel (measured at 64 channels, 8 px; not at 16-32 channels)
 SHARED_ONEDNN = 32
-# outside the AVX-512 kernel (strides, groups, float64/half, no AVX-512) the portable loop nest was
-# measured 13-70x slower than oneDNN's dense conv at 50% density (stride 2, 16->32 and 32->64
-# channels, batch 128): those calls run the dense conv of the masked input, masked at the output
-GENERIC_DENSE = True
+# forces a strategy where some channel is inactive: auto, masked_dense or kernel
+STRATEGY_ENV = "PYEFF_MASKED_CONV_STRATEGY"
+FORCEABLE = ("auto", "masked_dense", "kernel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,19 +145,46 @@ def _direct_kernel_applies(x: Tensor, stride, groups: int) -> bool:
     return x.dtype == torch.float32 and list(stride) == [1, 1] and groups == 1 and _cpu_has_avx512()
 
 
+def _forced() -> str:
+    forced = os.environ.get(STRATEGY_ENV, "auto").lower()
+    if forced not in FORCEABLE:
+        raise ValueError(f"pyeff.ops.masked_conv2d: {STRATEGY_ENV} must be one of {', '.join(FORCEABLE)}, "
+                         f"got {forced!r}")
+    return forced
+
+
+def _strategy(x, in_mask, out_mask, stride, groups, in_all: bool, out_all: bool) -> str:
+    """How the native backend runs a call (the module docstring gives the measurements):
+    "dense" (every channel active), "masked_dense" (dense conv of the masked input, masked output),
+    "slice" (one oneDNN conv on the channels a shared mask row keeps) or "kernel" (pyeff's kernel)."""
+    if in_all and out_all:
+        return "dense"
+    forced = _forced()
+    if forced != "auto":
+        return forced
+    if x.device.type != "cpu":
+        return "kernel"
+    # outside the AVX-512 kernel (strides, groups, float64/half, no AVX-512) the portable loop nest
+    # was measured 13-70x slower than oneDNN's dense conv at 50% density (stride 2, 16->32 and
+    # 32->64 channels, batch 128)
+    if _active_fraction(in_mask, out_mask, x.shape[0]) > DENSE_ABOVE or not _direct_kernel_applies(x, stride, groups):
+        return "masked_dense"
+    if (in_mask.shape[0] == 1 and out_mask.shape[0] == 1 and groups == 1
+            and min(int(in_mask.sum()), int(out_mask.sum())) >= SHARED_ONEDNN):
+        return "slice"
+    return "kernel"
+
+
 def _native(x, weight, bias, in_mask, out_mask, stride, padding, dilation, groups) -> Tensor:
     n = x.shape[0]
     in_all, out_all = bool(in_mask.all()), bool(out_mask.all())
-    if in_all and out_all:
+    strategy = _strategy(x, in_mask, out_mask, stride, groups, in_all, out_all)
+    if strategy == "dense":
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if x.device.type == "cpu":
-        if (_active_fraction(in_mask, out_mask, n) > DENSE_ABOVE
-                or (GENERIC_DENSE and not _direct_kernel_applies(x, stride, groups))):
-            return _dense_masked(x, weight, bias, in_mask, out_mask, stride, padding, dilation, groups,
-                                 in_all, out_all)
-        if (in_mask.shape[0] == 1 and out_mask.shape[0] == 1 and groups == 1
-                and min(int(in_mask.sum()), int(out_mask.sum())) >= SHARED_ONEDNN):
-            return _subset_conv(x, weight, bias, in_mask[0], out_mask[0], stride, padding, dilation)
+    if strategy == "masked_dense":
+        return _dense_masked(x, weight, bias, in_mask, out_mask, stride, padding, dilation, groups, in_all, out_all)
+    if strategy == "slice":
+        return _subset_conv(x, weight, bias, in_mask[0], out_mask[0], stride, padding, dilation)
     return torch.ops.pyeff.masked_conv2d_fwd(x, weight, bias, _rows(in_mask, n), _rows(out_mask, n),
                                             stride, padding, dilation, groups)
 
@@ -182,14 +213,9 @@ def _masked_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_mask
     return y.contiguous()  # oneDNN keeps a channels_last input's layout; the op's contract is NCHW
 
 
-def _out_hw(x, weight, stride, padding, dilation):
-    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
-
-
 @_masked_conv2d_op.register_fake
 def _(x, weight, bias, in_mask, out_mask, stride, padding, dilation, groups, backend):
-    oh, ow = _out_hw(x, weight, stride, padding, dilation)
+    oh, ow = conv_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
 
 
@@ -257,7 +283,7 @@ _masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 if _extension.loaded() and hasattr(torch.ops.pyeff, "masked_conv2d_fwd"):
     @torch.library.register_fake("pyeff::masked_conv2d_fwd")
     def _(x, weight, bias, in_mask, out_mask, stride, padding, dilation, groups):
-        oh, ow = _out_hw(x, weight, stride, padding, dilation)
+        oh, ow = conv_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
         return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
 
     @torch.library.register_fake("pyeff::masked_conv2d_weight_grad")
@@ -338,7 +364,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     dilation = _pair(dilation, "dilation", 1)
     in_mask = _check_mask("in_mask", in_mask, n, c, "input", x)
     out_mask = _check_mask("out_mask", out_mask, n, k, "output", x)
-    oh, ow = _out_hw(x, weight, stride, padding, dilation)
+    oh, ow = conv_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     if oh < 1 or ow < 1:
         raise ValueError(f"pyeff.ops.masked_conv2d: input {tuple(x.shape[2:])} is smaller than the dilated "
                          f"kernel {tuple(weight.shape[2:])} with padding {tuple(padding)}")
@@ -346,3 +372,15 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
         return x.new_zeros((0, k, oh, ow))
     return _masked_conv2d_op(x, weight, bias, in_mask, out_mask, stride, padding, dilation, int(groups),
                              backend or "auto")
+
+
+def cpu_strategy(x: Tensor, weight: Tensor, *, in_mask: Optional[Tensor] = None, out_mask: Optional[Tensor] = None,
+                 stride=1, groups: int = 1) -> str:
+    """The strategy masked_conv2d's native backend takes for these operands and masks (as the op
+    takes them), under the current PYEFF_MASKED_CONV_STRATEGY: "dense", "masked_dense", "slice" or
+    "kernel" (see the module docstring)."""
+    n = x.shape[0]
+    in_mask = _check_mask("in_mask", in_mask, n, x.shape[1], "input", x)
+    out_mask = _check_mask("out_mask", out_mask, n, weight.shape[0], "output", x)
+    return _strategy(x, in_mask, out_mask, _pair(stride, "stride", 1), int(groups), bool(in_mask.all()),
+                     bool(out_mask.all()))

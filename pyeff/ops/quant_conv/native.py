@@ -1,0 +1,134 @@
+"""The native backend: pyeff's compiled passes (quantiser, im2col, window sums, epilogue) around
+oneDNN's int8 convolution or at::_int_mm. One function per route (routes.py chooses on the CPU;
+CUDA always takes the GEMM route, on cuBLASLt's int8 tensor cores)."""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyeff.ops._shapes import conv_out_hw
+from pyeff.ops.quant_conv import routes, weights
+from pyeff.ops.quant_conv.reference import activation_params, fixed_range
+from pyeff.ops.quant_conv.slicing import act_slices, window_sums, zero_point_digits
+
+_MAX_KD = 1 << 17  # per-group reduction length that keeps every int8 x int8 slice GEMM in int32
+
+
+class Activations(NamedTuple):
+    digits: Tensor  # uint8 [S, N, C, H, W], channels_last slices
+    scale: float
+    zp: int
+    qmax: int
+
+
+def quantize(x: Tensor, a_bits: int, a_range) -> Activations:
+    ops = torch.ops.pyeff
+    qmax = (1 << a_bits) - 1
+    if x.device.type == "cpu":  # range, parameters and digits in one C++ call
+        digits, params = ops.quant_conv_quantize_auto(x, a_range, qmax, act_slices(a_bits))
+        scale, _, zp, lo, hi = params.tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("pyeff.ops.quant_conv2d: x contains NaN or infinity; quantisation needs finite values")
+        return Activations(digits, scale, int(zp), qmax)
+    scale, inv, zp_t, qmax = activation_params(x, a_bits,
+                                               ops.fake_quant_minmax if a_range is None else fixed_range(a_range))
+    digits = ops.quant_conv_quantize(x, inv, zp_t, qmax, act_slices(a_bits))
+    return Activations(digits, scale, int(zp_t.item()), qmax)
+
+
+def direct_onednn(x, act: Activations, forms, weight, bias, stride, padding, dilation, groups, w_bits, out_scale,
+                  relu) -> Tensor:
+    """One oneDNN int8 convolution, dequantisation, bias and ReLU fused (float32 output)."""
+    p = weights.onednn_direct(forms, weight, w_bits, stride, padding, dilation, groups)
+    w32 = p.scale32 if out_scale is None else (p.scale * out_scale.to(p.scale)).float()  # rides on the scales
+    out = torch.ops.onednn.qconv2d_pointwise(
+        act.digits[0], act.scale, act.zp, p.packed, w32, p.zeros, None if bias is None else bias.float(), *p.conv,
+        groups, 1.0, 0, torch.float32, "relu" if relu else "none", [], "")
+    out = out.contiguous(memory_format=torch.channels_last)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def sliced_onednn(act: Activations, forms, d: weights.Digits, w_bits, stride, padding, dilation, groups, M: int):
+    """One oneDNN int8 convolution per activation slice with unit scales: (accumulators, corrections)
+    for the epilogue; each accumulator is an exact integer in float32."""
+    p = weights.onednn_sliced(forms, d, w_bits, stride, padding, dilation, groups)
+    cols = d.stack.shape[0] // groups
+    acc = []
+    for j, z in enumerate(zero_point_digits(act.zp, act.digits.shape[0])):
+        o = torch.ops.onednn.qconv2d_pointwise(
+            act.digits[j], 1.0, z, p.packed, p.unit, p.zeros, None, list(stride), list(padding), list(dilation),
+            groups, 1.0, 0, torch.float32, "none", [], "")
+        o2 = o.permute(0, 2, 3, 1).reshape(M, groups * cols)  # a view for channels_last output
+        acc += [o2[:, g * cols:(g + 1) * cols] for g in range(groups)]
+    return acc, torch.zeros(len(acc) // groups, groups * cols, dtype=torch.float64)
+
+
+def int8_gemm(act: Activations, forms, d: weights.Digits, w_bits, kernel, stride, padding, dilation, groups, M: int):
+    """pyeff's im2col of the digits (u - 128, int8) and at::_int_mm per group: (accumulators,
+    corrections (128 - z_j) * column sums) for the epilogue, exact in int32."""
+    dev = act.digits.device
+    on_cuda = dev.type == "cuda"
+    cols = d.stack.shape[0] // groups
+    kd = d.stack[0].numel()
+    # cuBLASLt's int8 GEMM wants K and N multiples of 8 and M > 16
+    k_pad = -(-kd // 8) * 8 if on_cuda else kd
+    col_pad = -(-cols // 8) * 8 if on_cuda else cols
+    mats, colsum = weights.gemm_operands(forms, d, w_bits, groups, k_pad, col_pad)
+    zdig = zero_point_digits(act.zp, act.digits.shape[0])
+    a = torch.ops.pyeff.quant_conv_im2col(act.digits, zdig, list(kernel), list(stride), list(padding),
+                                          list(dilation), groups, k_pad)
+    rows = len(zdig) * M
+    outs = []
+    for g in range(groups):
+        ag = a[g]
+        if on_cuda and rows <= 16:
+            ag = F.pad(ag, (0, 0, 0, 17 - rows))
+        outs.append(torch._int_mm(ag, mats[g]))
+    acc = []
+    for j in range(len(zdig)):
+        acc += [outs[g][j * M:(j + 1) * M, :cols] for g in range(groups)]
+    corr = torch.tensor([128 - z for z in zdig], dtype=torch.float64, device=dev).view(-1, 1) \
+        * colsum.to(dev, torch.float64).view(1, -1)
+    return acc, corr
+
+
+def run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range, out_scale, relu,
+               forms: weights.WeightForms) -> Tensor:
+    N = x.shape[0]
+    K, Cg, KH, KW = weight.shape
+    OH, OW = conv_out_hw(x.shape[-2:], (KH, KW), stride, padding, dilation)
+    kd = Cg * KH * KW
+    if kd > _MAX_KD:
+        raise ValueError(f"pyeff.ops.quant_conv2d: C/groups * kh * kw = {kd} exceeds {_MAX_KD}, where int32 "
+                         "accumulation of int8 slices could overflow; use backend='reference'")
+    act = quantize(x, a_bits, a_range)
+    conv = (stride, padding, dilation, groups)
+    d = None
+    if x.device.type == "cpu":
+        def l1max():
+            nonlocal d
+            d = weights.digits(forms, weight, w_bits, groups)
+            return d.l1max
+        route = routes.choose(x.dtype, w_bits, a_bits, act.zp, act.qmax, l1max)
+    else:
+        route = "gemm"
+    if route == "direct":
+        return direct_onednn(x, act, forms, weight, bias, *conv, w_bits, out_scale, relu)
+    if d is None:
+        d = weights.digits(forms, weight, w_bits, groups)
+    M = N * OH * OW
+    if route == "sliced":
+        acc, corr = sliced_onednn(act, forms, d, w_bits, *conv, M)
+    else:
+        acc, corr = int8_gemm(act, forms, d, w_bits, (KH, KW), *conv, M)
+    wscale = d.scale if out_scale is None else d.scale * out_scale.to(d.scale)  # rides on the epilogue's scales
+    rowsum = None
+    if d.offset:
+        ws = torch.ops.pyeff.quant_conv_window_sums if x.device.type == "cpu" else window_sums
+        rowsum = ws(act.digits, zero_point_digits(act.zp, act.digits.shape[0]), groups, (KH, KW), stride, padding,
+                    dilation)
+    out = torch.ops.pyeff.quant_conv_epilogue(acc, corr, d.slices, rowsum, float(act.scale), wscale, bias,
+                                              [N, K, OH, OW], x.dtype)
+    return out.relu_() if relu else out
