@@ -17,7 +17,6 @@ latency.
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from typing import Iterable
 
@@ -552,15 +551,5 @@ def convert(model: nn.Module, config: DDIConfig | None = None, *, copy_model: bo
     cost table run forwards in eval mode without autograd: conversion changes no BatchNorm
     statistics.
     """
-    if config is None:
-        config = DDIConfig(**overrides)
-    elif not isinstance(config, DDIConfig):
-        raise TypeError(f"pyeff.ddi.convert: config must be a DDIConfig, got {type(config).__name__}"
-                        + (" (give the cost as convert(model, cost=...))" if isinstance(config, str) else ""))
-    elif overrides:
-        config = config.replace(**overrides)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"pyeff.ddi.convert expects an nn.Module, got {type(model).__name__}")
-    was = model.training
-    net = DDINet(copy.deepcopy(model) if copy_model else model, config)
-    return net.train(was)
+    hint = " (give the cost as convert(model, cost=...))" if isinstance(config, str) else ""
+    return DDINet.convert(model, config, copy_model=copy_model, misuse=hint, **overrides)

@@ -11,7 +11,6 @@ shared RecurrentGate. The gate of block i reads block i's input, i.e. block i-1'
 """
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 import torch
@@ -170,18 +169,8 @@ def convert(model: nn.Module, config: DFSConfig | None = None, *, copy_model: bo
     The converted net is in the model's mode (train or eval); conversion runs no forward, so it
     changes no BatchNorm statistics.
     """
-    if config is None:
-        config = DFSConfig(**overrides)
-    elif not isinstance(config, DFSConfig):
-        raise TypeError(f"pyeff.dfs.convert: config must be a DFSConfig, got {type(config).__name__}"
-                        + (" (give bits as convert(model, bits=...))" if isinstance(config, (tuple, list)) else ""))
-    elif overrides:
-        config = config.replace(**overrides)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"pyeff.dfs.convert expects an nn.Module, got {type(model).__name__}")
-    was = model.training
-    net = DFSNet(copy.deepcopy(model) if copy_model else model, config)
-    return net.train(was)
+    hint = " (give bits as convert(model, bits=...))" if isinstance(config, (tuple, list)) else ""
+    return DFSNet.convert(model, config, copy_model=copy_model, misuse=hint, **overrides)
 
 
 __all__ = ["convert", "DFSNet", "DFSConfig", "PAPER_BITS", "HW_BITS", "FULL"]

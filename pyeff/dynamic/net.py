@@ -135,6 +135,24 @@ class DynamicNet(nn.Module):
         self.model = model
         self._ctl = self._make_controller()
 
+    @classmethod
+    def convert(cls, model: nn.Module, config=None, *, copy_model: bool = True, misuse: str = "", **overrides):
+        """The opening every method's `convert` shares: `config` (default: the method's config with
+        `overrides`; with a config, `overrides` replace its fields), a deep copy of `model` unless
+        copy_model=False, and the converted net in the model's train/eval mode. `misuse`: a hint
+        appended when `config` is not a config object (e.g. how to pass what it looks like)."""
+        if config is None:
+            config = cls.config_class(**overrides)
+        elif not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.method}.convert: config must be a {cls.config_class.__name__}, got "
+                            f"{type(config).__name__}{misuse}")
+        elif overrides:
+            config = config.replace(**overrides)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{cls.method}.convert expects an nn.Module, got {type(model).__name__}")
+        was = model.training
+        return cls(copy.deepcopy(model) if copy_model else model, config).train(was)
+
     # -- construction (called by subclasses) --------------------------------------------------
     def _found(self, root: nn.Module | None = None) -> list[tuple[str, nn.Module]]:
         found = find_supported(self.model if root is None else root)
