@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Tuple
 
 from pyeff.config import Config
+from pyeff.dynamic.net import TRAIN_MODES
 
 UNITS = ("flops", "energy", "latency")
 CHANNEL_MODES = ("mask", "width")
-TRAIN_MODES = ("all", "routed")
 DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from pyeff.config import Config
+from pyeff.dynamic.net import TRAIN_MODES
 
 FULL = 32
 PAPER_BITS = (0, 8, 10, 12, 14, 16, 32)
 HW_BITS = (0, 4, 8, 16, 32)
-TRAIN_MODES = ("all", "routed")
 
 
 def check_bits(bits) -> tuple[int, ...]:

@@ -31,6 +31,9 @@ from pyeff.dynamic.modules import (batch_norm, bn_foldable, fold_bn, fused_seque
                                    swapped)
 
 EXECUTIONS = ("routed", "masked")
+# training: "all" paths on every sample, then the decisions as straight-through masks (the
+# papers'), or "routed": only the chosen path per sample
+TRAIN_MODES = ("all", "routed")
 
 
 class Controller:
