@@ -238,3 +238,45 @@ def test_ddi_checkpoints_old_flat_and_latency(tmp_path, monkeypatch):
     monkeypatch.setattr(DDINet, "measure_costs", no_timing)
     net3, _ = load_ddi(lat)
     assert net3.config == DDIConfig.from_dict(ckpt["config"]) and net3.cost_unit == "latency"
+
+
+# -- no "No CUDA runtime is found" on machines without a GPU -----------------------------------
+NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+def run_quiet_check(tmp_path, *args):
+    """`python ARGS` with no visible GPU and a CUDA_HOME: where torch.utils.cpp_extension's import
+    logs NO_CUDA_RUNTIME (as on a CPU machine with a CUDA toolkit)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CUDA_HOME=str(tmp_path), OMP_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, *args], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_timing_logs_no_cuda_runtime_warning(tmp_path):
+    from pyeff.dfs import convert
+    from pyeff.dfs.recipe import save_dfs
+    from pyeff.models import create_model
+
+    control = run_quiet_check(tmp_path, "-c", "import torch.utils.cpp_extension")
+    if NO_CUDA_RUNTIME not in control.stderr:
+        pytest.skip("this torch build does not log the warning (no CUDA support compiled in)")
+    ckpt = str(tmp_path / "dfs.pt")
+    net = convert(create_model("resnet20", num_classes=10, in_channels=1), bits=(0, 8, 32))
+    save_dfs(net, ckpt, model="resnet20", dataset="digits", num_classes=10, in_channels=1)
+    p = run_quiet_check(tmp_path, "-m", "pyeff", "dfs", "eval", "--checkpoint", ckpt, "--test-subset", "16",
+                        "--batch-size", "8", "--time", "0.01")
+    assert "wall-clock per image" in p.stdout  # it timed
+    assert NO_CUDA_RUNTIME not in p.stdout + p.stderr, p.stderr
+    p = run_quiet_check(tmp_path, "-c", "import torch; from pyeff.experiments.measure import inference_latency, "
+                        "latency_on; m = torch.nn.Linear(4, 4); inference_latency(m, (2, 4), min_run_time=0.01); "
+                        "latency_on(m, torch.randn(2, 4), 0.01)")
+    assert NO_CUDA_RUNTIME not in p.stdout + p.stderr, p.stderr
+    p = run_quiet_check(tmp_path, "-m", "pyeff", "dfs", "eval", "--help")
+    assert NO_CUDA_RUNTIME not in p.stdout + p.stderr, p.stderr

@@ -124,22 +124,123 @@ def test_setup_needs_rendezvous_address(monkeypatch):
         distributed.setup("cpu")
 
 
+def torchrun(tmp_path, *args, ok=True, timeout=TIMEOUT):
+    """`torchrun --standalone --nproc_per_node=2 -m pyeff ARGS` on the CPU (ARGS may instead start
+    with a script path); the finished process, which must have succeeded if `ok`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    what = [] if args[0].endswith(".py") else ["-m", "pyeff"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *what, *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not run()'s SIGKILL: torchrun then stops its workers (each in its own session),
+        # which would otherwise outlive the test
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s")
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if ok:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+# the zoo model, data and sizes of every torchrun test: 4 steps of 16 images per rank per epoch
+TINY_RUN = ["--model", "resnet20", "--data", "digits", "--train-subset", "128", "--test-subset",
+            "64", "--batch-size", "32", "--device", "cpu"]
+
+
 def test_torchrun_cli(tmp_path):
     pytest.importorskip("pyeff.models")
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pyeff", "train", "--model", "resnet20", "--data", "digits", "--epochs", "1",
-           "--train-subset", "128", "--test-subset", "64", "--batch-size", "32",
-           "--device", "cpu", "--out", str(out)]
-    try:
-        p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                           timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s")
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    p = torchrun(tmp_path, "train", *TINY_RUN, "--epochs", "1", "--out", str(out))
     # only rank 0 logs and prints the table
     assert p.stdout.count("epoch 1/1") == 1 and p.stdout.count("final test acc") == 1
     assert "2 process(es)" in p.stdout
     assert train.load_checkpoint(out / "checkpoint.pt")["world_size"] == 2
+
+
+def _phase_runs(out, phases):
+    """Each phase's run folder holds a checkpoint written by both ranks' trainer."""
+    for ph in phases:
+        assert train.load_checkpoint(out / ph / "checkpoint.pt")["world_size"] == 2, ph
+
+
+# "all" is the default (every path runs); "routed" with the gate biased to skip leaves whole blocks
+# without a sample on a rank, whose weights then get no gradient there (DDP must be told)
+@pytest.mark.parametrize("mode", [[], ["--train-mode", "routed", "--gate-bias=3,0,0"]],
+                         ids=["all", "routed-skipping"])
+def test_torchrun_dfs(tmp_path, mode):
+    """`pyeff dfs train` under torchrun: its 3 phases share one process group, every phase
+    trains with DDP, rank 0 alone logs, prints the result and writes dfs.pt."""
+    from pyeff.dfs.recipe import load_dfs
+
+    out = tmp_path / "dfs"
+    p = torchrun(tmp_path, "dfs", "train", *TINY_RUN, "--bits", "0,8,32", "--base-epochs", "1",
+                 "--gate-epochs", "1", "--dfs-epochs", "1", "--calibrate-batches", "1",
+                 "--out", str(out), *mode)
+    assert p.stdout.count("epoch 1/1") == 3, p.stdout
+    assert p.stdout.count("DFS resnet20 on digits") == 1, p.stdout
+    _phase_runs(out, ["phase1-float", "phase2-gate", "phase3-dfs"])
+    net, meta = load_dfs(str(out / "dfs.pt"))
+    assert meta["model"] == "resnet20" and tuple(net.bits) == (0, 8, 32)
+    if mode:
+        assert "computation 0.0%" in p.stdout  # every block skipped: the case under test happened
+
+
+@pytest.mark.parametrize("mode", [[], ["--train-mode", "routed", "--gate-bias=3,0"]],
+                         ids=["all", "routed-skipping"])
+def test_torchrun_ddi(tmp_path, mode):
+    """`pyeff ddi train` under torchrun: both phases share one process group, every gate,
+    exit and block trains with DDP, rank 0 alone logs, prints the result and writes ddi.pt."""
+    from pyeff.ddi.recipe import load_ddi
+
+    out = tmp_path / "ddi"
+    p = torchrun(tmp_path, "ddi", "train", *TINY_RUN, "--base-epochs", "1", "--ddi-epochs", "1",
+                 "--out", str(out), *mode)
+    assert p.stdout.count("epoch 1/1") == 2, p.stdout
+    assert p.stdout.count("DDI resnet20 on digits") == 1, p.stdout
+    _phase_runs(out, ["phase1-float", "phase2-ddi"])
+    net, meta = load_ddi(str(out / "ddi.pt"))
+    assert meta["model"] == "resnet20"
+    if mode:
+        assert "cost 100.0%" not in p.stdout  # blocks were skipped: the case under test happened
+
+
+FAILING_RANK = """
+import pyeff.train as train
+from pyeff.train import distributed
+
+
+class Boom(train.Hook):
+    def on_batch_end(self, trainer, step, metrics):
+        if trainer.rank == 1 and step == 1:
+            raise RuntimeError("boom on rank 1")
+
+
+cfg = train.TrainConfig(model="resnet20", dataset="digits", epochs=1, batch_size=32, train_subset=128,
+                        test_subset=32, device="cpu", out_dir="out", progress=False)
+if {held}:
+    with distributed.process_group("cpu"):
+        train.run_training(cfg, hooks=[Boom()])
+else:
+    train.run_training(cfg, hooks=[Boom()])
+"""
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["trainer-group", "recipe-group"])
+def test_a_failing_rank_ends_the_run(tmp_path, held):
+    """A rank that raises must exit (torchrun then stops the others), not wait in a barrier the
+    other rank, blocked in the next step's all-reduce, never reaches: that hung until gloo's
+    30-minute timeout."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK.format(held=held))
+    p = torchrun(tmp_path, str(script), ok=False, timeout=60)
+    assert p.returncode != 0 and "boom on rank 1" in p.stdout + p.stderr

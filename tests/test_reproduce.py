@@ -108,11 +108,29 @@ def test_cli_unknown_experiment_and_list(capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
-def test_baseline_quick_tiny(tmp_path, capsys):
+def image_links(report):
+    """The targets of the Markdown image links in `report`."""
+    import re
+
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
+
+
+def assert_images_resolve(report):
+    links = image_links(report)
+    assert links, "the report embeds no image"
+    for link in links:
+        assert not os.path.isabs(link), link  # the report folder can move
+        assert (report.parent / link).is_file(), f"{link} does not resolve from {report}"
+
+
+def test_baseline_quick_tiny(tmp_path, capsys, monkeypatch):
     from pyeff.cli import main
 
+    # the default --out is relative (runs/reproduce-...): links must resolve from the report,
+    # not from the working directory
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "rep"
-    rc = main(["reproduce", "baseline", "--quick", "--out", str(out), "--set", "dataset='digits'",
+    rc = main(["reproduce", "baseline", "--quick", "--out", "rep", "--set", "dataset='digits'",
                "--set", "epochs=1", "--set", "train_subset=96", "--set", "test_subset=48",
                "--set", "batch_size=32", "--set", "latency_batch=4", "--set",
                "latency_time=0.05", "--set", "device='cpu'"])
@@ -120,12 +138,49 @@ def test_baseline_quick_tiny(tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
     md = (out / "report.md").read_text()
     for text in ("## baseline", "test accuracy (%)", "parameters", "MFLOPs per image",
-                 "latency per image", "training time (s)", "baseline/train/curves.png",
+                 "latency per image", "training time (s)",
                  "| epoch | train loss |"):
         assert text in md, text
     assert (out / "baseline" / "train" / "curves.png").exists()
+    assert image_links(out / "report.md") == ["baseline/train/curves.png"]
     s = json.loads((out / "results.json").read_text())["experiments"]["baseline"]["summary"]
     assert s["parameters"] > 250_000  # resnet20: ~0.27M
     # resnet20 on 8x8 digits: ~1/16 of its 32x32 cost (~41 MFLOPs multiply-adds x2)
     assert 2 < s["MFLOPs per image (forward)"] < 20
     assert s["inference images/s"] > 0 and 0 <= s["test accuracy (%)"] <= 100
+
+
+def test_report_links_resolve_with_relative_out(tmp_path, monkeypatch, registry):
+    """Plots returned relative to the experiment's folder (the contract), absolute, or (a slip the
+    report forgives) relative to the working directory; the report moved elsewhere still renders."""
+    monkeypatch.chdir(tmp_path)
+
+    @register_experiment("plots", "plots given three ways")
+    def plots(out_dir, quick, data_dir=None, seed=0):
+        os.makedirs(os.path.join(out_dir, "sub"))
+        for name in ("a.png", "b.png", "sub/c.png"):
+            _plot(os.path.join(out_dir, name))
+        return {"plots": ["a.png", os.path.abspath(os.path.join(out_dir, "b.png")), os.path.join(out_dir, "sub/c.png")]}
+
+    run_experiments(["plots"], os.path.join("runs", "rep"))
+    report = tmp_path / "runs" / "rep" / "report.md"
+    assert image_links(report) == ["plots/a.png", "plots/b.png", "plots/sub/c.png"]
+    os.rename(tmp_path / "runs", tmp_path / "moved")
+    assert_images_resolve(tmp_path / "moved" / "rep" / "report.md")
+
+
+def test_method_reports_link_images_relative_to_the_report(tmp_path, monkeypatch):
+    """Every registered experiment, shrunk to seconds, into a relative out folder: each image link in
+    the report resolves from the report's folder."""
+    monkeypatch.chdir(tmp_path)
+    tiny = dict(dataset="digits", train_subset=96, test_subset=48, batch_size=32, time_per_point=0.01)
+    runs = {"baseline": dict(dataset="digits", epochs=1, train_subset=96, test_subset=48, batch_size=32,
+                             latency_batch=4, latency_time=0.01, device="cpu"),
+            "dfs": dict(tiny, base_epochs=1, bits=(0, 8, 32), targets=(25,), skip_targets=(25,), static_bits=(8,)),
+            "ddi": dict(tiny, base_epochs=1, ddi_epochs=1, targets=(40,), layer_targets=(40,), width_targets=(40,),
+                        prune_targets=(40,), budgets=(1.0,))}
+    for name, overrides in runs.items():
+        res = run_experiments([name], os.path.join("runs", name), quick=True, overrides=overrides)
+        assert not res["failed"], res["results"][name].get("traceback")
+        assert res["report"] == os.path.join("runs", name, "report.md")
+        assert_images_resolve(tmp_path / res["report"])

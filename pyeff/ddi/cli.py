@@ -72,10 +72,13 @@ def train_main(args) -> int:
     from pyeff.config import config_from_args
     from pyeff.ddi.config import DDIConfig
     from pyeff.ddi.recipe import DDIRecipe, train_ddi
+    from pyeff.train.distributed import env_info
 
     recipe = config_from_args(DDIRecipe, args)
     config = config_from_args(DDIConfig, args)
     res = train_ddi(recipe, config)
+    if not env_info().is_main:  # under torchrun every rank gets here; rank 0 speaks
+        return 0
     last = res["history"]["phase2"][-1]
     print(f"DDI {recipe.model} on {recipe.dataset}, cost {config.cost}, target {recipe.target}%: test acc "
           f"{100 * last['test_acc']:.2f}%, cost {last['computation_pct']:.1f}%; saved {res['checkpoint']}")

@@ -155,7 +155,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
              f"{len(test_set) - half} (dense accuracy on those: {dense_report:.1f}%).")
     return {"summary": summary, "tables": [{"title": "Accuracy against FLOPs and wall-clock", "rows": rows},
                                           {"title": "Budget sweep (held-out half of the test set)", "rows": sweep}],
-            "plots": [plot], "notes": notes,
+            "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items()}}
 
 

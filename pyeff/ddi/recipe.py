@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pyeff.ddi.config import DDIConfig
 from pyeff.ddi.model import DDINet, convert
 from pyeff.dynamic.hook import CostHingeHook
+from pyeff.train import distributed as dist_util
 from pyeff.train import run_training
 from pyeff.train.checkpoint import read_checkpoint
 from pyeff.train.phases import (RecipeConfig, check_int, check_number, float_phase, load_base,  # noqa: F401
@@ -131,13 +132,23 @@ def train_ddi(recipe: DDIRecipe | None = None, config: DDIConfig | None = None, 
     convert the model. Phases write run folders under recipe.out_dir (phase1-float, phase2-ddi);
     the result goes to <out_dir>/ddi.pt with config and recipe.
     """
+    recipe, config = split_overrides(recipe, config, overrides, DDIRecipe, DDIConfig, "train_ddi")
+    # one process group for all phases under torchrun (see pyeff.train.distributed.process_group)
+    with dist_util.process_group(recipe.device):
+        return _train_ddi(recipe, config, base_model, data, verbose)
+
+
+def _train_ddi(r: DDIRecipe, config: DDIConfig, base_model, data, verbose: bool) -> dict:
+    from pyeff.ddi.costs import CostTable
     from pyeff.models import create_model
     from pyeff.train import load_data
 
-    recipe, config = split_overrides(recipe, config, overrides, DDIRecipe, DDIConfig, "train_ddi")
-    r = recipe
     common = r.common()
-    ddi_cfg = r.train_config(epochs=r.ddi_epochs, lr=r.ddi_lr, out_dir=os.path.join(r.out_dir, "phase2-ddi"))
+    # routed training runs a block (and its channel gate) only on the samples its layer gate executes:
+    # in a step where a rank's samples all skip a block, its weights get no gradient on that rank,
+    # which DDP must be told
+    ddi_cfg = r.train_config(epochs=r.ddi_epochs, lr=r.ddi_lr, out_dir=os.path.join(r.out_dir, "phase2-ddi"),
+                             find_unused_parameters=config.train_mode == "routed")
     if data is None:
         data = load_data(r.train_config())
     train_set, test_set = data
@@ -153,12 +164,18 @@ def train_ddi(recipe: DDIRecipe | None = None, config: DDIConfig | None = None, 
     if h1 is not None:
         history["phase1"] = h1
     net = convert(base_model, config)
+    if config.cost == "latency" and dist_util.is_active():
+        # each rank timed its own table: train every rank against rank 0's, the one saved
+        net.table = CostTable.from_dict(dist_util.broadcast_object(net.table.to_dict()))
     trainer = run_training(ddi_cfg, hooks=[DDIHook(r.target, r.beta, r.exit_weight)], model=net, data=data,
                            verbose=verbose, optimizer=sgd(net.parameters(), r.ddi_lr))
     history["phase2"] = trainer.history
     net = trainer.model.cpu()
     path = os.path.join(r.out_dir, "ddi.pt")
-    save_ddi(net, path, model=r.model, dataset=r.dataset, num_classes=n_cls, in_channels=in_ch, recipe=r.to_dict())
+    if dist_util.env_info().is_main:
+        save_ddi(net, path, model=r.model, dataset=r.dataset, num_classes=n_cls, in_channels=in_ch,
+                 recipe=r.to_dict())
+    dist_util.barrier()  # every rank returns the path of a written file
     return {"net": net, "base": base_model, "history": history, "checkpoint": path, "data": data,
             "recipe": r, "config": net.config}
 

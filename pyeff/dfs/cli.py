@@ -2,7 +2,6 @@
 generated from DFSRecipe (the recipe's settings) and DFSConfig (the conversion's)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 # option names kept from before the options were generated
@@ -46,10 +45,13 @@ def train_main(args) -> int:
     from pyeff.config import config_from_args
     from pyeff.dfs.config import DFSConfig
     from pyeff.dfs.recipe import DFSRecipe, train_dfs
+    from pyeff.train.distributed import env_info
 
     recipe = config_from_args(DFSRecipe, args)
     config = config_from_args(DFSConfig, args)
     res = train_dfs(recipe, config)
+    if not env_info().is_main:  # under torchrun every rank gets here; rank 0 speaks
+        return 0
     last = res["history"]["phase3"][-1]
     print(f"DFS {recipe.model} on {recipe.dataset}, bits {config.bits}, target {recipe.target}%: test acc "
           f"{100 * last['test_acc']:.2f}%, computation {last['computation_pct']:.1f}%; saved {res['checkpoint']}")

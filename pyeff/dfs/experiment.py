@@ -119,7 +119,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
              "dense float model re-measured beside each point; this CPU is shared, so absolute times are noisy "
              "and the ratio column is what to read. Static quantisation is post-training (the shared float "
              "network, activation ranges calibrated on 4 training batches), not quantisation-aware training.")
-    return {"summary": summary, "table": rows, "plots": [plot], "notes": notes,
+    return {"summary": summary, "table": rows, "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
             "decision_stats": all_stats, "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items()}}
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pyeff.dfs.config import DFSConfig
 from pyeff.dfs.model import DFSNet, convert
 from pyeff.dynamic.hook import CostHingeHook
+from pyeff.train import distributed as dist_util
 from pyeff.train import run_training
 from pyeff.train.checkpoint import read_checkpoint
 from pyeff.train.phases import (RecipeConfig, check_int, check_number, float_phase, load_base,  # noqa: F401
@@ -107,15 +108,25 @@ def train_dfs(recipe: DFSRecipe | None = None, config: DFSConfig | None = None, 
     convert the model. Each phase writes its own run folder under recipe.out_dir (phase1-float,
     phase2-gate, phase3-dfs); the result goes to <out_dir>/dfs.pt with config and recipe.
     """
+    recipe, config = split_overrides(recipe, config, overrides, DFSRecipe, DFSConfig, "train_dfs")
+    # one process group for all phases under torchrun (see pyeff.train.distributed.process_group)
+    with dist_util.process_group(recipe.device):
+        return _train_dfs(recipe, config, base_model, data, verbose)
+
+
+def _train_dfs(r: DFSRecipe, config: DFSConfig, base_model, data, verbose: bool) -> dict:
     from pyeff.models import create_model
     from pyeff.train import load_data
 
-    recipe, config = split_overrides(recipe, config, overrides, DFSRecipe, DFSConfig, "train_dfs")
-    r = recipe
     common = r.common()
     gate_cfg = r.train_config(epochs=max(r.gate_epochs, 1), lr=r.gate_lr, schedule="constant",
                               out_dir=os.path.join(r.out_dir, "phase2-gate"))
-    dfs_cfg = r.train_config(epochs=r.dfs_epochs, lr=r.dfs_lr, out_dir=os.path.join(r.out_dir, "phase3-dfs"))
+    # routed training runs a block only on the samples its gate sends there: in a step where a rank's
+    # samples all skip a block, that block's weights get no gradient on that rank, which DDP must be
+    # told (phase 2 needs no such care: the frozen network holds no trainable weights, and the gate
+    # runs on every sample)
+    dfs_cfg = r.train_config(epochs=r.dfs_epochs, lr=r.dfs_lr, out_dir=os.path.join(r.out_dir, "phase3-dfs"),
+                             find_unused_parameters=config.train_mode == "routed")
     if data is None:
         data = load_data(r.train_config())
     train_set, test_set = data
@@ -137,9 +148,9 @@ def train_dfs(recipe: DFSRecipe | None = None, config: DFSConfig | None = None, 
         net.freeze_base = True
         for p in net.base_parameters():
             p.requires_grad_(False)
-        run_training(gate_cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net, data=data, verbose=verbose,
-                     optimizer=sgd(net.gate_parameters(), r.gate_lr))
-        history["phase2"] = run_history(gate_cfg)
+        history["phase2"] = run_training(gate_cfg, hooks=[DFSHook(100.0, GATE_PHASE_BETA)], model=net,
+                                         data=data, verbose=verbose,
+                                         optimizer=sgd(net.gate_parameters(), r.gate_lr)).history
         net.freeze_base = False
         for p in net.base_parameters():
             p.requires_grad_(True)
@@ -149,8 +160,10 @@ def train_dfs(recipe: DFSRecipe | None = None, config: DFSConfig | None = None, 
     history["phase3"] = trainer.history
     net = trainer.model
     path = os.path.join(r.out_dir, "dfs.pt")
-    save_dfs(net, path, model=r.model, dataset=r.dataset, num_classes=n_cls, in_channels=in_ch,
-             recipe=r.to_dict())
+    if dist_util.env_info().is_main:
+        save_dfs(net, path, model=r.model, dataset=r.dataset, num_classes=n_cls, in_channels=in_ch,
+                 recipe=r.to_dict())
+    dist_util.barrier()  # every rank returns the path of a written file
     return {"net": net, "base": base_model, "history": history, "checkpoint": path, "data": data,
             "recipe": r, "config": net.config}
 

@@ -17,6 +17,7 @@ The returned dict may hold (all optional):
     table:   [{column: value}, ...] one table, or
     tables:  [{"title": str, "rows": [{column: value}, ...]}, ...]
     plots:   [path, ...]             PNGs, absolute or relative to out_dir; embedded in the report
+                                     (linked relative to report.md, so the report folder can move)
     notes:   Markdown text
 Everything returned is also saved to results.json. `quick=True` is a smoke-test preset that
 should finish within minutes on a 2-core CPU (measured: baseline ~1.5 min, dfs 287 s, ddi 512 s);
@@ -221,6 +222,17 @@ def run_experiments(names=None, out_dir=None, quick=False, data_dir=None, seed=0
     return {"report": report_path, "results": results, "failed": failed}
 
 
+def _report_link(path: str, exp_dir: str, report_dir: str) -> str:
+    """The link from report_dir/report.md to a plot an experiment returned: `path` is absolute or
+    relative to its exp_dir (the contract), or, when only that exists, relative to the working
+    directory (os.path.join(out_dir, name) with a relative out_dir, an easy slip)."""
+    if not os.path.isabs(path):
+        in_exp = os.path.join(exp_dir, path)
+        path = path if not os.path.exists(in_exp) and os.path.exists(path) else in_exp
+    # forward slashes: a Markdown link, not an OS path
+    return os.path.relpath(path, report_dir).replace(os.sep, "/")
+
+
 def _render_report(exps, results, out_dir, quick, machine, total, command) -> str:
     L = ["# pyeff reproduce report", ""]
     L.append(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -260,8 +272,7 @@ def _render_report(exps, results, out_dir, quick, machine, total, command) -> st
                 L += [f"**{t['title']}**", ""]
             L += [markdown_table(t.get("rows", [])), ""]
         for p in res.get("plots", []):
-            p = p if os.path.isabs(p) else os.path.join(out_dir, exp.name, p)
-            rel = os.path.relpath(p, out_dir)
+            rel = _report_link(p, os.path.join(out_dir, exp.name), out_dir)
             L += [f"![{exp.name}: {os.path.basename(p)}]({rel})", ""]
         if res.get("notes"):
             L += [res["notes"].rstrip(), ""]

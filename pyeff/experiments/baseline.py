@@ -62,7 +62,7 @@ def baseline(out_dir, quick, data_dir=None, seed=0, *, model="resnet20", dataset
              for r in h]
     return {
         "summary": summary, "table": table,
-        "plots": [os.path.join(cfg.out_dir, "curves.png")],
+        "plots": [os.path.relpath(os.path.join(cfg.out_dir, "curves.png"), out_dir)],
         "notes": ("FLOPs from torch.utils.flop_counter.FlopCounterMode (a multiply-add counts "
                   "2); latency is the median of torch.utils.benchmark's blocked_autorange in "
                   f"eval mode under no_grad on {trainer.device} "

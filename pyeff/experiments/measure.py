@@ -2,18 +2,41 @@
 (torch.utils.benchmark), and the machine the numbers came from."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import sys
 
 import torch
+
+
+class _NoCudaRuntimeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def benchmark_module():
+    """torch.utils.benchmark, imported without the "No CUDA runtime is found, using CUDA_HOME=..."
+    warning. It imports torch.utils.cpp_extension, which logs that line on import on every machine
+    without a GPU but with a CUDA toolkit (or CUDA_HOME) present: noise for CPU timing, which
+    compiles nothing. Only that message of that logger is dropped, only during the import."""
+    if "torch.utils.benchmark" in sys.modules:
+        return sys.modules["torch.utils.benchmark"]
+    log = logging.getLogger("torch.utils.cpp_extension")  # the module's own logger (getLogger(__name__))
+    quiet = _NoCudaRuntimeFilter()
+    log.addFilter(quiet)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.removeFilter(quiet)
+    return benchmark
 
 
 def latency_on(model, x, min_run_time: float = 1.0) -> float:
     """Milliseconds per image of model(x) in eval under no_grad, on the given batch (real images
     matter for dynamic models: their decisions, hence their work, depend on the input); median of
     torch.utils.benchmark's blocked_autorange after a warm-up call."""
-    from torch.utils import benchmark
-
+    benchmark = benchmark_module()
     was = model.training
     model.eval()
 
@@ -51,8 +74,7 @@ def inference_latency(model, input_shape, device="cpu", min_run_time=1.0, thread
 
     Returns {"batch_ms", "per_image_ms", "images_per_s", "threads", "batch"}.
     """
-    from torch.utils import benchmark
-
+    benchmark = benchmark_module()
     threads = threads or torch.get_num_threads()
     was_training = model.training
     model.eval()

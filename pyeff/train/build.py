@@ -38,6 +38,8 @@ def run_training(config: TrainConfig, hooks=(), model=None, data=None, verbose=T
                       optimizer=optimizer, criterion=criterion)
     try:
         trainer.fit()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(sync=False)
+        raise
+    trainer.close()
     return trainer

@@ -7,6 +7,7 @@ WORLD_SIZE in the environment, or WORLD_SIZE=1) never touches torch.distributed.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,12 +64,38 @@ def setup(device_type: str) -> tuple[DistInfo, bool]:
     return info, True
 
 
-def teardown():
+def teardown(sync: bool = True):
+    """Destroy the process group. `sync=False` after an error: a failing rank must not wait in a
+    barrier the others never reach, but exit, so that torchrun stops the rest."""
     if dist.is_available() and dist.is_initialized():
         # every rank reaches here before any tears down: a rank that destroys its group (rank 0 hosts
         # the store) while another still talks to it can abort the process (seen once in CI, under load)
-        dist.barrier()
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto"):
+    """Hold one process group across several Trainers, e.g. the phases of a method recipe; yields
+    the DistInfo. A no-op on one process and when a group is already running.
+
+    Each Trainer otherwise starts a group and destroys it at its end, and a second
+    init_process_group under torchrun finds the first group's addresses in torchrun's store
+    (gloo then connects to a closed port and fails): a multi-phase run must start the group once.
+    """
+    from pyeff.train.loop import resolve_device
+
+    info = env_info()
+    info, started = setup(resolve_device(device, info.local_rank).type)
+    try:
+        yield info
+    except BaseException:
+        if started:
+            teardown(sync=False)
+        raise
+    if started:
+        teardown()
 
 
 def is_active() -> bool:
@@ -99,6 +126,15 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (`obj` itself on one process)."""
+    if not is_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier():

@@ -397,8 +397,9 @@ class Trainer:
         self.model.train(was_training)
         return result
 
-    def close(self) -> None:
-        """Shut down the process group if this Trainer started it."""
+    def close(self, sync: bool = True) -> None:
+        """Shut down the process group if this Trainer started it (`sync=False` after an error:
+        see `distributed.teardown`)."""
         if self._started_dist:
-            dist_util.teardown()
+            dist_util.teardown(sync)
             self._started_dist = False

@@ -199,6 +199,8 @@ def float_phase(common: dict, data, *, epochs: int, lr: float, out_dir: str, bas
     history = None
     if base_model is None:
         cfg = TrainConfig(epochs=epochs, lr=lr, out_dir=os.path.join(out_dir, "phase1-float"), **common)
-        base_model = run_training(cfg, data=data, verbose=verbose).model
-        history = run_history(cfg)
+        trainer = run_training(cfg, data=data, verbose=verbose)
+        # the trainer's own history: under DDP, metrics.jsonl is rank 0's file, not yet written
+        # when another rank gets here
+        base_model, history = trainer.model, trainer.history
     return base_model.cpu(), history
