@@ -42,7 +42,7 @@ def _draw(net, batch, p_exec, channels=None, seed=0):
     return ex, [torch.rand(batch, b.width, generator=g) < channels for b in net.blocks]
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
+def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False, compile: bool = True) -> list:
     harness.use_keep_memory(keep_memory)
     if device != "cpu":
         raise ValueError("bench/ddi.py measures the CPU engine; run it with --device cpu")
@@ -52,13 +52,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     x = torch.randn(batch, 3, 32, 32)
     net = convert(dense).eval()
     G = len(net.blocks)
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    dense_cl = create_model("resnet38").eval()
-    dense_cl.load_state_dict(dense.state_dict())
-    dense_cl = dense_cl.to(memory_format=torch.channels_last)
-    # DDI folds BN into the convs it executes at inference; the same folding for the dense model
-    from torch.fx.experimental.optimization import fuse
-    dense_fused = fuse(dense)
+    baselines = harness.dense_baselines(dense, x, "float32 ResNet-38", compile=compile)
+    nchw = next(iter(baselines))
 
     wnet = convert(dense, channel_mode="width").eval()  # widths 25/50/75/100% of the inner channels
 
@@ -78,9 +73,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
         return f
 
     all_on = torch.ones(G, dtype=torch.bool)
-    fns = {"dense float32 ResNet-38 (NCHW)": lambda: dense(x),
-           "dense float32 ResNet-38 (channels_last)": lambda: dense_cl(xcl),
-           "dense float32 ResNet-38 (NCHW, BN folded: torch.fx fuse)": lambda: dense_fused(x),
+    fns = {**baselines,
            "DDI, every block and channel on (gate + routing overhead)":
                forced(all_on, [torch.ones(batch, b.width, dtype=torch.bool) for b in net.blocks])}
     draws = {}
@@ -101,9 +94,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
                 c = out[1]["cost"]
                 cost[name] = (100 * float(c.mean()), 100 * float(c.max()))
         med = harness.interleaved_medians(fns, rounds=3 if quick else 9)
-    t_dense = med["dense float32 ResNet-38 (NCHW)"]
-    best_dense = min(t_dense, med["dense float32 ResNet-38 (channels_last)"],
-                     med["dense float32 ResNet-38 (NCHW, BN folded: torch.fx fuse)"])
+    t_dense = med[nchw]
+    best_name, best_dense = harness.best_dense(med, baselines)
     t_ref = med[ref_name]
     rows = []
     for name, sec in med.items():
@@ -117,7 +109,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
                "x vs best dense", "x vs papers' execution"]
     harness.write_results(
         "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
+        {"device": device, "best dense": best_name, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
          "channel masks": "channel_mode='mask': any subset of inner channels per sample (pyeff.ops.masked_conv2d)",
          "widths": "channel_mode='width': the first 25/50/75/100% of the inner channels (importance-sorted), "
                    "dense convs on sliced weights, samples grouped by width"},
@@ -125,15 +117,15 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
         notes="Medians of round-robin timings (one call of each variant per round). Decisions fixed per sample and "
               "block (seeded draw at the stated rates); the gates still run. FLOPs % counts everything that ran "
               "(stem, first block, shortcuts, head) against the dense network; gate FLOPs (<0.1%) are not counted. "
-              "x ...: speed-up over that row (higher is better), all measured in this run; best dense = the fastest of "
-              "the three dense variants. Target: >= 2.5x the dense ResNet-38 at ~4x FLOP saving (25%).")
+              "x ...: speed-up over that row (higher is better), all measured in this run; best dense = the fastest dense "
+              "row (NCHW, channels_last, BN folded, and torch.compile of the last, compiled before timing). Target: >= 2.5x the dense ResNet-38 at ~4x FLOP saving (25%).")
     return rows
 
 
 def main(argv=None):
-    p = harness.parser(__doc__, "shorter timings", "cpu only", keep_memory=True)
+    p = harness.parser(__doc__, "shorter timings", "cpu only", keep_memory=True, compile=True)
     a = p.parse_args(argv)
-    run(a.quick, a.device, a.out, a.keep_memory)
+    run(a.quick, a.device, a.out, a.keep_memory, a.compile)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,6 @@ MIXES = {
 }
 
 
-FUSED = "dense float32 ResNet-38 (channels_last, BN folded: torch.fx fuse)"
-
-
 def reference_forward(net, x):
     """The paper's execution, written here only: each gated block computes every candidate (skip,
     each bit width fake-quantised in float32, float) for every sample and masks."""
@@ -50,7 +47,7 @@ def _ref(net, d, x):
         return reference_forward(net, x)
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False) -> list:
+def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False, compile: bool = True) -> list:
     harness.use_keep_memory(keep_memory)
     if device != "cpu":
         raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
@@ -65,22 +62,16 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     dec = {name: torch.multinomial(torch.tensor(mix), batch * G, replacement=True, generator=g).view(batch, G)
            for name, mix in MIXES.items()}
     xcl = x.contiguous(memory_format=torch.channels_last)
-    dense_cl = create_model("resnet38").eval()
-    dense_cl.load_state_dict(dense.state_dict())
-    dense_cl = dense_cl.to(memory_format=torch.channels_last)
-    # DFS folds BN into the convs it runs at inference; the same folding for the dense model
-    from torch.fx.experimental.optimization import fuse
-    dense_fused = fuse(dense_cl)
+    baselines = harness.dense_baselines(dense, x, "float32 ResNet-38", compile=compile)
+    nchw = next(iter(baselines))
+
     def fixed(d, xx, dfs=net):
         def f():
             with dfs.fixed_decisions(d):
                 return dfs(xx)
         return f
 
-    fns = {"dense float32 ResNet-38 (NCHW)": lambda: dense(x),
-           "dense float32 ResNet-38 (channels_last)": lambda: dense_cl(xcl),
-           FUSED: lambda: dense_fused(xcl),
-           "DFS, every block full precision (gate + routing overhead)": fixed([len(BITS) - 1] * G, x)}
+    fns = {**baselines, "DFS, every block full precision (gate + routing overhead)": fixed([len(BITS) - 1] * G, x)}
     pct = {}
     for name, d in dec.items():
         fns[f"DFS mix {name}, NCHW input"] = fixed(d, x)
@@ -102,8 +93,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
         pct_paper = 100 * float(net_p(x)[1]["cost"].mean())
     with torch.no_grad():
         med = harness.interleaved_medians(fns, rounds=3 if quick else 9, settle=2)
-    t_dense = med["dense float32 ResNet-38 (NCHW)"]
-    best_dense = min(t_dense, med["dense float32 ResNet-38 (channels_last)"], med[FUSED])
+    t_dense = med[nchw]
+    best_name, best_dense = harness.best_dense(med, baselines)
     t_ref = med[ref_name]
     rows = []
     for name, sec in med.items():
@@ -118,23 +109,23 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     columns = ["execution", "computation %", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
     harness.write_results(
         "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "bit set": f"{BITS} (rows marked otherwise: {PAPER_BITS})",
+        {"device": device, "best dense": best_name, "bit set": f"{BITS} (rows marked otherwise: {PAPER_BITS})",
          "decision mixes (share of sample-blocks per choice skip/4/8/16/32)": "; ".join(
              f"{k}: {v}" for k, v in MIXES.items()),
          "gated blocks": G},
         out_dir, device, keep_memory=keep_memory,
         notes="Medians of round-robin timings (per round, two untimed then one timed call of each variant). Decisions fixed per sample and block (seeded draw from the mix above), the gate still runs. "
               "x ...: speed-up over that row (higher is better), all measured in this run; best dense = the fastest "
-              "of the three dense rows; x vs reference = against the reference-style execution of the same bit set "
+              "dense row (NCHW, channels_last, BN folded, and torch.compile of the last, compiled before timing); x vs reference = against the reference-style execution of the same bit set "
               "(the rows marked with the paper's bit set against its own reference). Targets: >= 2x the dense float32 model, >= 10x the reference-style "
               "execution.")
     return rows
 
 
 def main(argv=None):
-    p = harness.parser(__doc__, "shorter timings", "cpu only", keep_memory=True)
+    p = harness.parser(__doc__, "shorter timings", "cpu only", keep_memory=True, compile=True)
     a = p.parse_args(argv)
-    run(a.quick, a.device, a.out, a.keep_memory)
+    run(a.quick, a.device, a.out, a.keep_memory, a.compile)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Timing and reporting shared by pyeff's benchmarks: medians after warm-up, ratios against a
 baseline measured in the same run, the machine, and JSON + Markdown files per machine kind."""
+import copy
 import datetime
 import json
 import os
@@ -122,6 +123,43 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+DENSE_NCHW = "NCHW eager"
+DENSE_CL = "channels_last"
+DENSE_FOLDED = "channels_last, BN folded (torch.fx fuse)"
+DENSE_COMPILED = "channels_last, BN folded, torch.compile"
+
+
+def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile: bool = True) -> dict:
+    """The dense network as a user who cares about speed would deploy it, every variant a callable
+    on `x` ({row name: fn}): NCHW eager, channels_last, channels_last with BatchNorm folded into the
+    convs, and torch.compile of the folded channels_last model (the fastest eager variant on these
+    CPUs; compiled and warmed up here, so compile time is outside every timing). `label` names the
+    network in the row names. Every benchmark takes its "best dense" from these rows
+    (`best_dense`), measured in its own run."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = model.eval()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    folded = fuse(cl)
+    fns = {f"dense {label} ({DENSE_NCHW})": lambda: model(x),
+           f"dense {label} ({DENSE_CL})": lambda: cl(xcl),
+           f"dense {label} ({DENSE_FOLDED})": lambda: folded(xcl)}
+    if compile:
+        compiled = torch.compile(folded)
+        with torch.no_grad():
+            for _ in range(2):  # compilation and its first-run autotuning happen here
+                compiled(xcl)
+        fns[f"dense {label} ({DENSE_COMPILED})"] = lambda: compiled(xcl)
+    return fns
+
+
+def best_dense(medians: dict, baselines: dict) -> tuple[str, float]:
+    """(row name, seconds) of the fastest dense baseline row measured in this run."""
+    name = min(baselines, key=lambda k: medians[k])
+    return name, medians[name]
+
+
 def use_keep_memory(keep: bool) -> None:
     """--keep-memory: glibc's malloc keeps freed memory for the rest of the process
     (pyeff.runtime.keep_freed_memory), for every variant of the run alike."""
@@ -131,8 +169,10 @@ def use_keep_memory(keep: bool) -> None:
         raise RuntimeError("--keep-memory needs glibc's mallopt")
 
 
-def parser(doc: str, quick_help: str, devices: str = "cpu or cuda", keep_memory: bool = False):
-    """The command line every benchmark script shares: --quick, --device, --out."""
+def parser(doc: str, quick_help: str, devices: str = "cpu or cuda", keep_memory: bool = False,
+           compile: bool = False):
+    """The command line every benchmark script shares: --quick, --device, --out (and
+    --keep-memory, --no-compile where the script has them)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,4 +183,7 @@ def parser(doc: str, quick_help: str, devices: str = "cpu or cuda", keep_memory:
         p.add_argument("--keep-memory", action="store_true",
                        help="glibc malloc keeps freed memory (no page faults for big tensors); results go to "
                             "<name>-keep-memory-<machine> files")
+    if compile:
+        p.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="leave out the torch.compile dense baseline (its compilation takes minutes on 2 cores)")
     return p

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyeff.ops.packs import packs_of
 
 
 def find_blocks(model: nn.Module, is_block: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
@@ -77,37 +76,25 @@ def bn_foldable(bn: nn.Module) -> bool:
             and bn.running_var is not None and not torch.is_grad_enabled())
 
 
-# (under torch.compile these run eagerly: the cached forms are keyed by module identity, which
-# would otherwise put a guard, and a recompilation, on every BatchNorm)
-@torch.compiler.disable
-@torch.no_grad()
+# Folding is computed on every call, not cached: the BN's (scale, shift) are four ops on
+# per-channel vectors and the folded weight one multiply over the conv's weight, less than
+# checking a cached copy against its sources costs (measured), and a form computed from the
+# current tensors can never be stale. Callers run them without autograd (bn_foldable).
+
 def bn_affine(bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(scale, shift) with bn(y + conv_bias) == y * scale + shift per channel, for an eval-mode
-    BN; kept on the BN (pyeff.ops.packs) until a tensor involved changes."""
-    tensors = (conv_bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-    def build():
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale if conv_bias is None else (conv_bias - bn.running_mean) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        return scale, shift
-    return packs_of(bn).get(("bn-affine", bn.eps), tensors, build)
+    """(scale, shift) with bn(y + conv_bias) == y * scale + shift per channel, for an eval-mode BN."""
+    scale = bn.running_var.add(bn.eps).rsqrt_()
+    if bn.weight is not None:
+        scale.mul_(bn.weight)
+    mean = bn.running_mean if conv_bias is None else bn.running_mean - conv_bias
+    shift = torch.addcmul(bn.bias, mean, scale, value=-1) if bn.bias is not None else mean * scale.neg()
+    return scale, shift
 
 
-@torch.compiler.disable
-@torch.no_grad()
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """(weight, bias) of the one conv equal to conv followed by the eval-mode `bn`; cached on the
-    conv (pyeff.ops.packs) until a tensor involved changes."""
-    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-    def build():
-        scale, shift = bn_affine(bn, conv.bias)
-        return conv.weight * scale.view(-1, 1, 1, 1), shift
-    return packs_of(conv).get(("bn-folded", id(bn), bn.eps), tensors, build)
+    """(weight, bias) of the one conv equal to conv followed by the eval-mode `bn`."""
+    scale, shift = bn_affine(bn, conv.bias)
+    return conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
 def fused_sequential(seq: nn.Sequential, x: Tensor) -> Tensor:

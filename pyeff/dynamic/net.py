@@ -62,8 +62,18 @@ class DynamicBlock(nn.Module):
         self._ctl: Controller | None = None
 
     @property
-    def spec(self) -> BlockSpec:  # looked up, not stored: a user's spec need not pickle
-        return block_spec(self.block)
+    def spec(self) -> BlockSpec:
+        """The registered description of `block`, as it was when first used (looked up once; not
+        pickled, since a user's `pre` function need not be picklable: a copy looks it up again)."""
+        spec = self.__dict__.get("_spec")
+        if spec is None:
+            spec = self.__dict__["_spec"] = block_spec(self.block)
+        return spec
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_spec", None)
+        return state
 
     @property
     def in_channels(self) -> int:
