@@ -97,7 +97,8 @@ def test_ddi_train_checks_everything_before_phase_1(extra, words, capsys, no_tra
 
 
 @pytest.mark.parametrize("argv", [["dfs", "train", "--bits", "a,b"], ["ddi", "train", "--cost", "joules"],
-                                  ["ddi", "train", "--gate-bias", "1,2,3"], ["train", "--epochs", "x"]])
+                                  ["ddi", "train", "--gate-bias", "1,2,3"], ["train", "--epochs", "x"],
+                                  ["ddi", "eval", "--checkpoint", "x.pt", "--budgets", "0.5,1.5"]])
 def test_unparsable_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

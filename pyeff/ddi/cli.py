@@ -11,8 +11,8 @@ def _budgets(text: str):
         vals = [float(b) for b in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--budgets takes comma-separated fractions such as 0.25,0.5,1, got {text!r}")
-    if any(not 0 < v for v in vals):
-        raise argparse.ArgumentTypeError(f"budgets are fractions of the dense cost (> 0), got {text!r}")
+    if any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"budgets are fractions of the dense cost in (0, 1], got {text!r}")
     return vals
 
 
