@@ -66,7 +66,7 @@ def evaluate(net, meta: dict, test_set, batch_size: int = 128, min_run_time: flo
 
     loader = BatchLoader(test_set, batch_size, shuffle=False, augment=False)
     stats = net.decision_stats(loader)
-    dense = dense_model(net)
+    dense = net.to_dense()
     shape = (batch_size,) + tuple(test_set.images.shape[1:])
     # time on real images: the gate's decisions (hence the work) depend on the input
     x = next(iter(BatchLoader(test_set, batch_size, shuffle=True, augment=False)))[0]
@@ -75,21 +75,6 @@ def evaluate(net, meta: dict, test_set, batch_size: int = 128, min_run_time: flo
     return {"accuracy_pct": 100 * stats.get("accuracy", float("nan")), "computation_pct": stats["computation_pct"],
             "dfs_ms_per_image": t_dfs, "dense_ms_per_image": t_dense, "speedup": t_dense / t_dfs, "stats": stats,
             "bits": list(net.bits), "model": meta.get("model"), "dataset": meta.get("dataset")}
-
-
-def dense_model(net):
-    """The dense float network inside a DFSNet (its blocks unwrapped, parameters shared)."""
-    import copy
-
-    from pyeff.dfs.block import DFSBlock
-
-    dense = copy.deepcopy(net.model)
-    for name, m in list(dense.named_modules()):
-        if isinstance(m, DFSBlock):
-            parent_name, _, child = name.rpartition(".")
-            parent = dense.get_submodule(parent_name) if parent_name else dense
-            setattr(parent, child, m.block)
-    return dense.eval()
 
 
 def stats_table(stats: dict) -> list:

@@ -27,7 +27,6 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     import torch
 
     from pyeff.data import BatchLoader
-    from pyeff.dfs.cli import dense_model
     from pyeff.dfs.model import convert
     from pyeff.dfs.recipe import DEFAULT_BETA, GATE_PHASE_BETA, DFSHook, calibration_batches
     from pyeff.train.phases import float_phase, load_subsets, recipe_config, sgd
@@ -62,7 +61,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
              "accuracy %": dense_acc, "ms / image": dense_ms, "dense ms / image": dense_ms, "speed-up": 1.0}]
 
     def timed(net):
-        d_ms = inference_latency(dense_model(net), shape, min_run_time=time_per_point)["per_image_ms"]
+        d_ms = inference_latency(net.to_dense(), shape, min_run_time=time_per_point)["per_image_ms"]
         return latency_on(net, x_time, time_per_point), d_ms  # dense re-measured beside each point
 
     def point(method, net, target, note_bits):
