@@ -8,6 +8,8 @@ build of torch are both present. Switches (environment variables):
   TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
   MAX_JOBS                parallel compile jobs (ninja)
   CUDA_HOME               the toolkit; guessed from nvcc otherwise
+  PYEFF_EXTRA_CXXFLAGS    extra C++ compile flags, appended (e.g. the sanitizers of `make sanitize`)
+  PYEFF_EXTRA_LDFLAGS     extra link flags, appended
 
 Build against the torch you already have: `pip install --no-build-isolation -e .`
 """
@@ -64,6 +66,11 @@ cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 define_macros = [("PYEFF_WITH_CUDA", "1")] if with_cuda else []
+link_flags = ["-fopenmp"]
+# extra flags from the environment, appended (unset: the normal build is unchanged); `make sanitize`
+# builds an AddressSanitizer + UBSan variant out of tree this way
+cxx_flags += os.environ.get("PYEFF_EXTRA_CXXFLAGS", "").split()
+link_flags += os.environ.get("PYEFF_EXTRA_LDFLAGS", "").split()
 
 
 
@@ -88,7 +95,7 @@ if with_cuda:
         cpp_sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         include_dirs=_pip_cuda_include_dirs(),
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
         define_macros=define_macros,
     )
 else:
@@ -96,7 +103,7 @@ else:
         "pyeff._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
         define_macros=define_macros,
     )
 
@@ -109,7 +116,10 @@ if any(cmd in sys.argv for cmd in ("build_ext", "build", "bdist_wheel", "develop
         f" (PYEFF_FORCE_CUDA={int(force_cuda)}, PYEFF_NO_CUDA={int(no_cuda)})\n"
         f"  TORCH_CUDA_ARCH_LIST: {os.environ.get('TORCH_CUDA_ARCH_LIST')}\n"
         f"  MAX_JOBS: {os.environ.get('MAX_JOBS', 'auto')}\n"
-        f"  C++ sources: {len(cpp_sources)}, CUDA sources: {len(cuda_sources) if with_cuda else 0}",
+        f"  C++ sources: {len(cpp_sources)}, CUDA sources: {len(cuda_sources) if with_cuda else 0}"
+        + (f"\n  extra flags: cxx {os.environ.get('PYEFF_EXTRA_CXXFLAGS', '')!r}, "
+           f"link {os.environ.get('PYEFF_EXTRA_LDFLAGS', '')!r}"
+           if os.environ.get("PYEFF_EXTRA_CXXFLAGS") or os.environ.get("PYEFF_EXTRA_LDFLAGS") else ""),
         flush=True,
     )
 

@@ -1,5 +1,6 @@
 """Triton kernels of pyeff.ops.fake_quant: per-program partial minima/maxima, then one
 element-wise pass. Launched with enable_fp_fusion=False so that rounding matches the reference."""
+import os
 from typing import Optional
 
 import torch
@@ -47,7 +48,7 @@ def _fmix32(h):
 
 
 @triton.jit(do_not_specialize=["seed"])  # a seed of 1 would otherwise become a constant
-def _apply_kernel(x_ptr, y_ptr, scale_ptr, inv_ptr, zp_ptr, n, C, inner, qmin, qmax, seed,
+def _apply_kernel(x_ptr, y_ptr, scale_ptr, inv_ptr, zp_ptr, n, C, inner, qmin, qmax, omax, seed,
                   STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -67,6 +68,7 @@ def _apply_kernel(x_ptr, y_ptr, scale_ptr, inv_ptr, zp_ptr, n, C, inner, qmin, q
     q = tl.floor(x * inv + zp + r)
     q = tl.minimum(tl.maximum(q, qmin), qmax)
     y = (q - zp) * scale
+    y = tl.minimum(tl.maximum(y, -omax), omax)  # saturate at the output dtype's largest value
     tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -110,12 +112,17 @@ def apply(x, scale, inv_scale, zero_point, qmin: int, qmax: int, axis: Optional[
     _check(x)
     x = x.contiguous()
     outer, C, inner = _layout(x, axis)
-    y = torch.empty_like(x)
+    # Triton's interpreter (TRITON_INTERPRET=1) truncates float32 -> bfloat16 instead of rounding to
+    # nearest even (found by tests/test_fuzz_fake_quant.py): there the kernel writes float32 and torch
+    # rounds. Compiled Triton rounds to nearest even itself.
+    via32 = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    y = torch.empty_like(x, dtype=torch.float32 if via32 else x.dtype)
     n = x.numel()
     f32 = dict(device=x.device, dtype=torch.float32)
     scale, inv_scale, zero_point = (t.to(**f32).contiguous() for t in (scale, inv_scale, zero_point))
     grid = (triton.cdiv(n, _BLOCK),)
     _apply_kernel[grid](x, y, scale, inv_scale, zero_point, n, C, inner, float(qmin), float(qmax),
+                        torch.finfo(x.dtype).max,
                         0 if seed is None else int(seed) & 0xFFFFFFFF, STOCHASTIC=seed is not None,
                         BLOCK=_BLOCK, enable_fp_fusion=False)
-    return y
+    return y.to(x.dtype) if via32 else y

@@ -143,9 +143,9 @@ at::Tensor minmax_cpu(const at::Tensor& x_in, std::optional<int64_t> axis) {
 
   const float* px = x.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  if (C == 1) {
+  if (C == 1) {  // per tensor, or an axis of size 1: every element (outer rows included) is one channel
     std::vector<MinMax> part(nthreads);
-    at::parallel_for(0, l.inner, kGrain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
       minmax_f32(px + b, e - b, &part[at::get_thread_num()]);
     });
     MinMax r;
@@ -197,14 +197,16 @@ at::Tensor minmax_cpu(const at::Tensor& x_in, std::optional<int64_t> axis) {
 // n contiguous floats with one set of parameters. `index0` is the flat index of x[0] (for the
 // stochastic-rounding stream); callers never let a run cross a multiple of 2^32, so the key is
 // constant within it.
+// Dequantised values saturate at +-omax, the output dtype's largest finite value: an outer level
+// of the grid can lie past it (pyeff.ops.fake_quant.apply_reference).
 PYEFF_CLONES void apply_f32(const float* x, float* y, int64_t n, uint64_t index0, float scale,
                             float inv_scale, float zp, float qmin, float qmax, bool stochastic,
-                            uint32_t seed) {
+                            uint32_t seed, float omax) {
   if (!stochastic) {
     for (int64_t i = 0; i < n; ++i) {
       float q = std::floor(x[i] * inv_scale + zp + 0.5f);
       q = std::min(std::max(q, qmin), qmax);
-      y[i] = (q - zp) * scale;
+      y[i] = std::min(std::max((q - zp) * scale, -omax), omax);
     }
     return;
   }
@@ -215,14 +217,14 @@ PYEFF_CLONES void apply_f32(const float* x, float* y, int64_t n, uint64_t index0
     const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
     float q = std::floor(x[i] * inv_scale + zp + u);
     q = std::min(std::max(q, qmin), qmax);
-    y[i] = (q - zp) * scale;
+    y[i] = std::min(std::max((q - zp) * scale, -omax), omax);
   }
 }
 
 // same, with per-element parameters (used for a short inner extent)
 PYEFF_CLONES void apply_vec_f32(const float* x, float* y, int64_t n, uint64_t index0,
                                 const float* scale, const float* inv_scale, const float* zp,
-                                float qmin, float qmax, bool stochastic, uint32_t seed) {
+                                float qmin, float qmax, bool stochastic, uint32_t seed, float omax) {
   const uint32_t key = rounding_key(seed, index0);
   const uint32_t lo0 = static_cast<uint32_t>(index0);
   for (int64_t i = 0; i < n; ++i) {
@@ -233,7 +235,7 @@ PYEFF_CLONES void apply_vec_f32(const float* x, float* y, int64_t n, uint64_t in
     }
     float q = std::floor(x[i] * inv_scale[i] + zp[i] + r);
     q = std::min(std::max(q, qmin), qmax);
-    y[i] = (q - zp[i]) * scale[i];
+    y[i] = std::min(std::max((q - zp[i]) * scale[i], -omax), omax);
   }
 }
 
@@ -252,7 +254,7 @@ void for_each_key_run(uint64_t index0, int64_t n, F&& f) {
 
 template <typename T>
 void apply_generic(const T* x, T* y, const ChannelLayout& l, const double* scale, const double* inv,
-                   const double* zp, double qmin, double qmax, bool stochastic, uint32_t seed) {
+                   const double* zp, double qmin, double qmax, bool stochastic, uint32_t seed, double omax) {
   const int64_t n = l.outer * l.channels * l.inner;
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -261,7 +263,7 @@ void apply_generic(const T* x, T* y, const ChannelLayout& l, const double* scale
           stochastic ? static_cast<double>(uniform01(rounding_key(seed, i), i)) : 0.5;
       double q = std::floor(static_cast<double>(x[i]) * inv[c] + zp[c] + r);
       q = std::min(std::max(q, qmin), qmax);
-      y[i] = static_cast<T>((q - zp[c]) * scale[c]);
+      y[i] = static_cast<T>(std::min(std::max((q - zp[c]) * scale[c], -omax), omax));
     }
   });
 }
@@ -295,7 +297,7 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
   if (is_double) {
     apply_generic<double>(x.data_ptr<double>(), y.data_ptr<double>(), l, scale.data_ptr<double>(),
                           inv.data_ptr<double>(), zp.data_ptr<double>(), double(qmin), double(qmax),
-                          stochastic, s);
+                          stochastic, s, std::numeric_limits<double>::max());
     return y;
   }
   const float* px = x.data_ptr<float>();
@@ -304,11 +306,15 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
   const float* pi = inv.data_ptr<float>();
   const float* pz = zp.data_ptr<float>();
   const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+  // the output dtype's largest finite value (half and bfloat16 are computed in float32)
+  const float omax = x_in.scalar_type() == at::kHalf       ? 65504.0f
+                     : x_in.scalar_type() == at::kBFloat16 ? static_cast<float>(std::numeric_limits<c10::BFloat16>::max())
+                                                           : std::numeric_limits<float>::max();
 
-  if (C == 1) {
-    at::parallel_for(0, l.inner, kGrain, [&](int64_t b, int64_t e) {
+  if (C == 1) {  // per tensor, or an axis of size 1: all outer * inner elements
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
       for_each_key_run(b, e - b, [&](int64_t off, uint64_t idx, int64_t len) {
-        apply_f32(px + b + off, py + b + off, len, idx, ps[0], pi[0], pz[0], fmin, fmax, stochastic, s);
+        apply_f32(px + b + off, py + b + off, len, idx, ps[0], pi[0], pz[0], fmin, fmax, stochastic, s, omax);
       });
     });
   } else if (l.inner >= kLanes) {
@@ -319,7 +325,7 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
         const uint64_t base = static_cast<uint64_t>(row) * l.inner;
         for_each_key_run(base, l.inner, [&](int64_t off, uint64_t idx, int64_t len) {
           apply_f32(px + base + off, py + base + off, len, idx, ps[c], pi[c], pz[c], fmin, fmax,
-                    stochastic, s);
+                    stochastic, s, omax);
         });
       }
     });
@@ -337,7 +343,7 @@ at::Tensor apply_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const a
         const uint64_t base = static_cast<uint64_t>(o) * width;
         for_each_key_run(base, width, [&](int64_t off, uint64_t idx, int64_t len) {
           apply_vec_f32(px + base + off, py + base + off, len, idx, es.data() + off, ei.data() + off,
-                        ez.data() + off, fmin, fmax, stochastic, s);
+                        ez.data() + off, fmin, fmax, stochastic, s, omax);
         });
       }
     });

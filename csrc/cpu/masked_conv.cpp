@@ -471,6 +471,7 @@ at::Tensor masked_conv2d_fwd_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   at::Tensor w = w_in.to(compute).contiguous();
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(compute).contiguous();
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == w.size(0)), op, ": bias must be [K]");
   at::Tensor in_mask = in_mask_in.contiguous(), out_mask = out_mask_in.contiguous();
   const Geom g = make_geom(x, w, stride, padding, dilation, groups);
   TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": the output would be empty");

@@ -199,7 +199,10 @@ template <typename T>
 void asym_params(T lo, T hi, int64_t qmax, double* scale, double* inv, double* zp) {
   lo = std::min(lo, T(0));
   hi = std::max(hi, T(0));
-  T s = (hi - lo) / static_cast<T>(qmax);
+  const T q = static_cast<T>(qmax);
+  T s = hi - lo;
+  // a range wider than T's largest value: each end divided first, then at most the largest value
+  s = std::isinf(s) ? std::min(hi / q - lo / q, std::numeric_limits<T>::max()) : s / q;
   s = s == T(0) ? T(1) : std::max(s, std::numeric_limits<T>::min());
   const T iv = T(1) / s;
   const T z = std::min(std::max(std::nearbyint(-lo / s), T(0)), static_cast<T>(qmax));
@@ -257,6 +260,9 @@ at::Tensor im2col_cpu(const at::Tensor& digits, at::IntArrayRef pad_digits, at::
   TORCH_CHECK(static_cast<int64_t>(pad_digits.size()) == S && kernel.size() == 2 && stride.size() == 2 &&
                   padding.size() == 2 && dilation.size() == 2 && groups >= 1 && C % groups == 0,
               "pyeff::quant_conv_im2col: bad arguments");
+  TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 &&
+                  dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+              "pyeff::quant_conv_im2col: kernel, stride and dilation must be >= 1 and padding >= 0");
   // [S, N, H, W, C] contiguous
   at::Tensor d = digits.permute({0, 1, 3, 4, 2}).contiguous();
   const int64_t KH = kernel[0], KW = kernel[1];
@@ -306,6 +312,9 @@ at::Tensor window_sums_cpu(const at::Tensor& digits_in, at::IntArrayRef zdig, in
   TORCH_CHECK(static_cast<int64_t>(zdig.size()) == S && kernel.size() == 2 && stride.size() == 2 &&
                   padding.size() == 2 && dilation.size() == 2 && groups >= 1 && C % groups == 0,
               "pyeff::quant_conv_window_sums: bad arguments");
+  TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 &&
+                  dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+              "pyeff::quant_conv_window_sums: kernel, stride and dilation must be >= 1 and padding >= 0");
   const at::Tensor d = digits_in.permute({0, 1, 3, 4, 2}).contiguous();  // [S, N, H, W, C]
   const int64_t KH = kernel[0], KW = kernel[1], Cg = C / groups;
   const int64_t OH = conv_out_size(H, KH, stride[0], padding[0], dilation[0]);
@@ -445,6 +454,8 @@ at::Tensor epilogue_cpu(at::TensorList acc_in, const at::Tensor& corr_in, int64_
   TORCH_CHECK(S_a >= 1 && static_cast<int64_t>(acc_in.size()) % S_a == 0,
               "pyeff::quant_conv_epilogue: acc must hold S_a * G tensors");
   const int64_t G = acc_in.size() / S_a;
+  TORCH_CHECK(G >= 1 && slices_w >= 1, "pyeff::quant_conv_epilogue: acc must hold S_a * G tensors (G >= 1) and "
+              "slices_w must be >= 1");
   TORCH_CHECK(K % G == 0, "pyeff::quant_conv_epilogue: K not divisible by groups");
   const int64_t cols = slices_w * (K / G);
   TORCH_CHECK(corr_in.size(1) == G * cols, "pyeff::quant_conv_epilogue: corr has ", corr_in.size(1),

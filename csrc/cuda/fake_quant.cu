@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cfloat>
+#include <limits>
 
 #include "../common.h"
 
@@ -118,30 +119,31 @@ at::Tensor minmax_cuda(const at::Tensor& x_in, std::optional<int64_t> axis) {
   return out;
 }
 
+// dequantised values saturate at +-omax, the output dtype's largest finite value
 __device__ __forceinline__ float fq_round(float x, float inv, float zp, float r, float qmin,
-                                          float qmax, float scale) {
+                                          float qmax, float scale, float omax) {
   float q = floorf(__fadd_rn(__fadd_rn(__fmul_rn(x, inv), zp), r));
   q = fminf(fmaxf(q, qmin), qmax);
-  return __fmul_rn(__fsub_rn(q, zp), scale);
+  return fminf(fmaxf(__fmul_rn(__fsub_rn(q, zp), scale), -omax), omax);
 }
 __device__ __forceinline__ double fq_round(double x, double inv, double zp, double r, double qmin,
-                                           double qmax, double scale) {
+                                           double qmax, double scale, double omax) {
   double q = floor(__dadd_rn(__dadd_rn(__dmul_rn(x, inv), zp), r));
   q = fmin(fmax(q, qmin), qmax);
-  return __dmul_rn(__dsub_rn(q, zp), scale);
+  return fmin(fmax(__dmul_rn(__dsub_rn(q, zp), scale), -omax), omax);
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n,
                              int64_t C, int64_t inner, const acc_t* __restrict__ scale,
                              const acc_t* __restrict__ inv, const acc_t* __restrict__ zp,
-                             acc_t qmin, acc_t qmax, bool stochastic, uint32_t seed) {
+                             acc_t qmin, acc_t qmax, bool stochastic, uint32_t seed, acc_t omax) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = C == 1 ? 0 : (i / inner) % C;
     const acc_t r = stochastic ? static_cast<acc_t>(uniform01(rounding_key(seed, i), i)) : acc_t(0.5);
     y[i] = static_cast<scalar_t>(
-        fq_round(static_cast<acc_t>(x[i]), inv[c], zp[c], r, qmin, qmax, scale[c]));
+        fq_round(static_cast<acc_t>(x[i]), inv[c], zp[c], r, qmin, qmax, scale[c], omax));
   }
 }
 
@@ -174,7 +176,7 @@ at::Tensor apply_cuda(const at::Tensor& x_in, const at::Tensor& scale_in, const 
     apply_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), n, l.channels, l.inner,
         scale.data_ptr<acc_t>(), inv.data_ptr<acc_t>(), zp.data_ptr<acc_t>(), acc_t(qmin),
-        acc_t(qmax), stochastic, s);
+        acc_t(qmax), stochastic, s, static_cast<acc_t>(std::numeric_limits<scalar_t>::max()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

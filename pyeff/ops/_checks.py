@@ -41,3 +41,30 @@ def check_same_device(op: str, **tensors) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
         raise ValueError(f"pyeff.ops.{op}: all tensors must be on one device, got {listed}")
+
+
+def check_backend(op: str, backend) -> None:
+    """`backend` is None or a name; the name itself is checked where it is resolved (_backend)."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"pyeff.ops.{op}: backend must be a string (auto, native, triton, reference) or None, "
+                        f"got {type(backend).__name__}")
+
+
+def check_conv_sizes(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A convolution needs at least one input channel, one output channel and a non-empty kernel
+    (4-D x and weight already checked)."""
+    if x.shape[1] == 0:
+        raise ValueError(f"pyeff.ops.{op}: x has 0 channels (shape {tuple(x.shape)}); a convolution needs at least one")
+    if weight.shape[0] == 0:
+        raise ValueError(f"pyeff.ops.{op}: weight has 0 output channels (shape {tuple(weight.shape)})")
+    if weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError(f"pyeff.ops.{op}: weight has an empty kernel (shape {tuple(weight.shape)})")
+
+
+def check_no_nan(op: str, name: str, t: torch.Tensor) -> None:
+    """Raises when `t` holds a NaN. One reduction (a NaN makes the sum NaN); only a NaN sum (NaN,
+    or +inf and -inf together) pays the exact pass. CPU only: on a GPU the check would synchronise."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return
+    if bool(torch.isnan(t.sum())) and bool(torch.isnan(t).any()):
+        raise ValueError(f"pyeff.ops.{op}: {name} contains NaN; quantisation needs finite values")

@@ -13,6 +13,7 @@ Schemes (per tensor, or per channel along `axis`):
 All arithmetic runs in float32 (float64 for float64 input) without fused multiply-adds, so the
 compiled, CUDA and Triton kernels agree with `fake_quant_reference` bit for bit.
 """
+import numbers
 from typing import Optional
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from pyeff import _extension
 from pyeff.ops import _backend
-from pyeff.ops._checks import check_axis, check_bits, check_tensor
+from pyeff.ops._checks import check_axis, check_backend, check_bits, check_tensor
 
 SCHEMES = ("asym", "sym")
 # fastest first, as measured by bench/fake_quant.py (see bench/results/)
@@ -43,7 +44,13 @@ def quant_params(minmax: Tensor, bits: int, scheme: str):
     if scheme == "asym":
         qmin, qmax = 0, (1 << bits) - 1
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = (hi - lo) / torch.full_like(lo, qmax)
+        q = torch.full_like(lo, qmax)
+        span = hi - lo
+        # a range wider than the dtype's largest value (e.g. float32 [-3e38, 3e38]) overflows to
+        # inf: divide each end first there (elsewhere the result is unchanged, bit for bit), and
+        # at 1 bit, where even that overflows, take the largest finite scale
+        big = torch.finfo(minmax.dtype).max
+        scale = torch.where(torch.isinf(span), (hi / q - lo / q).clamp(max=big), span / q)
     else:
         qmax = (1 << (bits - 1)) - 1
         qmin = -qmax
@@ -99,7 +106,15 @@ def apply_reference(x, scale, inv_scale, zero_point, qmin, qmax, axis, seed) -> 
         index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
         r = rounding_noise(seed, index).to(compute)
     q = torch.floor(xc * inv_scale + zero_point + r).clamp(qmin, qmax)
-    return ((q - zero_point) * scale).to(x.dtype)
+    # an outer level can lie past the dtype's largest finite value (the grid is rounded to an
+    # integer zero point): it saturates there instead of becoming inf
+    omax = output_max(x.dtype)
+    return ((q - zero_point) * scale).clamp(-omax, omax).to(x.dtype)
+
+
+def output_max(dtype: torch.dtype) -> float:
+    """The largest finite value of `dtype`: every backend saturates dequantised values to it."""
+    return torch.finfo(dtype).max
 
 
 def fake_quant_reference(x: Tensor, bits: int, scheme: str = "asym", axis: Optional[int] = None,
@@ -216,6 +231,12 @@ def fake_quant(x: Tensor, bits: int, *, scheme: str = "asym", axis: Optional[int
     axis = check_axis("fake_quant", axis, x.dim())
     if axis is not None and x.dim() == 0:
         raise ValueError("pyeff.ops.fake_quant: a 0-d tensor has no channel axis")
+    check_backend("fake_quant", backend)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"pyeff.ops.fake_quant: generator must be a torch.Generator or None, "
+                        f"got {type(generator).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"pyeff.ops.fake_quant: seed must be an int in [0, 2**32) or None, got {seed!r}")
     if x.numel() == 0:
         return x.clone()
     if stochastic:
@@ -224,6 +245,7 @@ def fake_quant(x: Tensor, bits: int, *, scheme: str = "asym", axis: Optional[int
             seed = int(torch.randint(0, 1 << 32, (1,), generator=generator, device=gen_device).item())
         elif not 0 <= int(seed) < (1 << 32):
             raise ValueError(f"pyeff.ops.fake_quant: seed must be in [0, 2**32), got {seed}")
+        seed = int(seed)
     else:
         seed = None
     return _fake_quant_op(x, bits, scheme, axis, seed, backend or "auto")

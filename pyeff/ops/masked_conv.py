@@ -48,7 +48,7 @@ from torch import Tensor
 
 from pyeff import _extension
 from pyeff.ops import _backend
-from pyeff.ops._checks import check_tensor
+from pyeff.ops._checks import check_backend, check_conv_sizes, check_tensor
 from pyeff.ops._shapes import conv_out_hw
 
 # fastest first (bench/masked_conv.py); on CUDA the Triton kernel has not been timed yet
@@ -92,6 +92,8 @@ def _pair(v, name: str, lo: int):
         raise TypeError(f"pyeff.ops.masked_conv2d: {name} must be an int or a pair of ints, got {v!r}")
     if min(v) < lo:
         raise ValueError(f"pyeff.ops.masked_conv2d: {name} must be >= {lo}, got {tuple(v)}")
+    if max(v) > 1 << 30:  # as quant_conv2d: larger strides break oneDNN (2**31 - 1 fails)
+        raise ValueError(f"pyeff.ops.masked_conv2d: {name} must be <= 2**30, got {tuple(v)}")
     return [int(v[0]), int(v[1])]
 
 
@@ -348,6 +350,8 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
                          f"({x.dtype}, {x.device})")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"pyeff.ops.masked_conv2d: groups must be a positive int, got {groups!r}")
+    check_conv_sizes("masked_conv2d", x, weight)
+    check_backend("masked_conv2d", backend)
     n, c = x.shape[:2]
     k = weight.shape[0]
     if c % groups or k % groups or weight.shape[1] * groups != c:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pyeff.ops._shapes import conv_out_hw
 from pyeff.ops.quant_conv.reference import activation_params, fixed_range
 from pyeff.ops.quant_conv.slicing import act_slices, digit_max, zero_point_digits
 from pyeff.ops.quant_conv.weights import WeightForms, digits
@@ -59,18 +60,45 @@ def _single_slice(x_dtype: torch.dtype, w_bits: int, a_bits: int) -> bool:
     return a_bits <= 8 and w_bits <= 8 and x_dtype != torch.float64
 
 
-def choose(x_dtype: torch.dtype, w_bits: int, a_bits: int, zp: int, qmax: int, l1max) -> str:
+def onednn_geometry_ok(kernel, stride, padding, dilation, out_hw) -> bool:
+    """False where oneDNN's int8 convolution is not safe (found by tests/test_fuzz_quant_conv.py;
+    pyeff's GEMM route is exact there):
+    - a padding as wide as the dilated kernel along an axis (some outputs see only padding): it
+      crashed (segfault) on tiny inputs with stride / padding / dilation mixed per axis;
+    - a single output along a strided axis with a kernel of 3 or more taps there: it returned
+      garbage (uninitialised values, different from run to run)."""
+    for a in range(2):
+        if padding[a] >= dilation[a] * (kernel[a] - 1) + 1:
+            return False
+        if out_hw[a] == 1 and stride[a] > 1 and kernel[a] >= 3:
+            return False
+    return True
+
+
+def sliced_ok(channels_per_group: int, stride) -> bool:
+    """False where the sliced route's oneDNN convolutions (unit scales, an input zero point) are not
+    exact: depthwise with a width stride returned wrong accumulators on one thread
+    (torch.set_num_threads(1); found by tests/test_fuzz_quant_conv.py)."""
+    return not (channels_per_group == 1 and stride[1] > 1)
+
+
+def choose(x_dtype: torch.dtype, w_bits: int, a_bits: int, zp: int, qmax: int, l1max,
+           geometry_ok: bool = True, slices_ok: bool = True) -> str:
     """The route for these operands. `l1max()`: the weights' largest stacked-filter L1 norm, asked
-    only when the sliced route is in question (it needs the digit pack)."""
-    if not _onednn_allowed():
+    only when the sliced route is in question (it needs the digit pack). `geometry_ok`:
+    onednn_geometry_ok of the convolution; `slices_ok`: sliced_ok."""
+    if not geometry_ok or not _onednn_allowed():
         return "gemm"
     if _single_slice(x_dtype, w_bits, a_bits):
         return "direct"
+    if not slices_ok:
+        return "gemm"
     amax = max(max(z, digit_max(qmax, j) - z) for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
     return "sliced" if amax * l1max() < _EXACT_F32 else "gemm"
 
 
-def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, groups: int = 1, a_range=None) -> str:
+def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, groups: int = 1, a_range=None,
+              stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> str:
     """The route ("direct", "sliced" or "gemm") that quant_conv2d's native CPU backend takes for
     these operands (quant_linear: a [out, in] weight), under the current CPU_PATH_ENV. The native
     CUDA backend always takes "gemm"."""
@@ -80,4 +108,12 @@ def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, gr
         weight = weight[:, :, None, None]
     _, _, zp, qmax = activation_params(x, a_bits, None if a_range is None else fixed_range(a_range))
     return choose(x.dtype, w_bits, a_bits, int(zp.item()), qmax,
-                  lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max)
+                  lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max,
+                  onednn_geometry_ok(weight.shape[-2:], _pair(stride), _pair(padding), _pair(dilation),
+                                     conv_out_hw(x.shape[-2:], weight.shape[-2:], _pair(stride), _pair(padding),
+                                                 _pair(dilation))),
+                  sliced_ok(weight.shape[1], _pair(stride)))
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
