@@ -49,7 +49,7 @@ from torch import Tensor
 from pyeff import _extension
 from pyeff.ops import _backend
 from pyeff.ops._checks import check_backend, check_conv_sizes, check_tensor
-from pyeff.ops._shapes import conv_out_hw
+from pyeff.ops._shapes import conv_out_hw, effective_dilation
 
 # fastest first (bench/masked_conv.py); on CUDA the Triton kernel has not been timed yet
 PREFERENCE = {"cpu": ("native",), "cuda": ("native", "triton")}
@@ -71,12 +71,41 @@ def _col(mask: Tensor) -> Tensor:
     return mask[:, :, None, None]
 
 
+def _risky_low_precision(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
+    """True where oneDNN's float16 / bfloat16 CPU convolution (F.conv2d) segfaults (found by
+    tests/test_fuzz_masked_conv.py, some only after other convolutions ran): an axis with a single
+    output, or a padding as wide as the dilated kernel or as the input."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    out = conv_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    for a in range(2):
+        extent = dilation[a] * (weight.shape[2 + a] - 1) + 1
+        if out[a] == 1 or padding[a] >= extent or padding[a] >= x.shape[2 + a]:
+            return True
+    return False
+
+
+def _conv2d(x: Tensor, weight: Tensor, bias, stride, padding, dilation, groups: int) -> Tensor:
+    """F.conv2d, with dilation dropped on 1-tap axes and, where oneDNN's half-precision CPU kernel
+    crashes, computed in float32 and rounded back."""
+    stride, padding = tuple(_pair_any(stride)), tuple(_pair_any(padding))
+    dilation = effective_dilation(weight.shape[2:], _pair_any(dilation))
+    if _risky_low_precision(x, weight, stride, padding, dilation):
+        return F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding, dilation,
+                        groups).to(x.dtype)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _pair_any(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def masked_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_mask: Tensor,
                             out_mask: Tensor, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """The specification of masked_conv2d in plain PyTorch (any device, float64-capable). Masks are
     bool [N, C] / [N, K] or one row [1, C] / [1, K] shared by the batch."""
     xm = torch.where(_col(in_mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    y = F.conv2d(xm, weight, bias, stride, padding, dilation, groups)
+    y = _conv2d(xm, weight, bias, stride, padding, dilation, groups)
     return torch.where(_col(out_mask), y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
@@ -117,7 +146,7 @@ def _subset_conv(x, weight, bias, in_row, out_row, stride, padding, dilation) ->
     xs = x if full_in else x.index_select(1, ci)
     ws = weight.index_select(0, ko)
     ws = ws if full_in else ws.index_select(1, ci)
-    ys = F.conv2d(xs, ws.contiguous(), None if bias is None else bias.index_select(0, ko), stride, padding, dilation)
+    ys = _conv2d(xs, ws.contiguous(), None if bias is None else bias.index_select(0, ko), stride, padding, dilation, 1)
     y = ys.new_zeros((x.shape[0], weight.shape[0]) + ys.shape[2:])
     return y.index_copy_(1, ko, ys)
 
@@ -127,7 +156,7 @@ def _dense_masked(x, weight, bias, in_mask, out_mask, stride, padding, dilation,
     """The reference's arithmetic with fewer passes: no input copy when every input is active, and
     the inactive outputs zeroed in place. `in_all` / `out_all`: whether every channel is active."""
     xm = x if in_all else torch.where(_col(in_mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    y = F.conv2d(xm, weight, bias, stride, padding, dilation, groups)
+    y = _conv2d(xm, weight, bias, stride, padding, dilation, groups)
     if not out_all:
         # a multiply is ~7x faster than a broadcast masked_fill_ here (measured, 1M floats); it leaves
         # NaN where a non-finite value met an inactive output, so those (rare) calls are redone exactly
@@ -182,7 +211,7 @@ def _native(x, weight, bias, in_mask, out_mask, stride, padding, dilation, group
     in_all, out_all = bool(in_mask.all()), bool(out_mask.all())
     strategy = _strategy(x, in_mask, out_mask, stride, groups, in_all, out_all)
     if strategy == "dense":
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _conv2d(x, weight, bias, stride, padding, dilation, groups)
     if strategy == "masked_dense":
         return _dense_masked(x, weight, bias, in_mask, out_mask, stride, padding, dilation, groups, in_all, out_all)
     if strategy == "slice":
@@ -365,7 +394,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
+    dilation = effective_dilation(weight.shape[2:], _pair(dilation, "dilation", 1))
     in_mask = _check_mask("in_mask", in_mask, n, c, "input", x)
     out_mask = _check_mask("out_mask", out_mask, n, k, "output", x)
     oh, ow = conv_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
