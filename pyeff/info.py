@@ -68,11 +68,12 @@ def cpu_paths(flags: set) -> dict:
     xl, wl = torch.randn(2, 256, 4, 4, generator=g), torch.randn(8, 256, 3, 3, generator=g)
     paths = {}
     try:
-        paths["quant_conv2d <= 8 bits"] = words[qc.cpu_route(x, w, w_bits=8, a_bits=8)]
-        small, long = qc.cpu_route(x, w, w_bits=16, a_bits=16), qc.cpu_route(xl, wl, w_bits=16, a_bits=16)
+        paths["quant_conv2d <= 8 bits"] = words[qc.cpu_route(x, w, w_bits=8, a_bits=8, padding=1)]
+        small, long = (qc.cpu_route(x, w, w_bits=16, a_bits=16, padding=1),
+                       qc.cpu_route(xl, wl, w_bits=16, a_bits=16, padding=1))
         paths["quant_conv2d 9-16 bits"] = words[small] + (
             "" if small == long else f"; {long} where an accumulator could pass 2^24 (long reductions)")
-        paths["quant_conv2d float64"] = words[qc.cpu_route(x.double(), w.double(), w_bits=8, a_bits=8)]
+        paths["quant_conv2d float64"] = words[qc.cpu_route(x.double(), w.double(), w_bits=8, a_bits=8, padding=1)]
         if not qc.cpu_has_int8_dot():
             paths["quant_conv2d note"] = "no VNNI/AMX: oneDNN's int8 conv is not exact here, every call takes gemm"
     except ValueError as exc:  # a bad PYEFF_QUANT_CONV_CPU_PATH

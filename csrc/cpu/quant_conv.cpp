@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -28,34 +29,40 @@ namespace {
 // quantise: q = clamp(floor(x * inv + zp + 0.5), 0, qmax), written as base-256 digits
 
 // levels as int32 (any width, split into digits later) or straight as uint8 (one 8-bit slice)
+// Returns whether x held a NaN: with a given range nothing else reads x, and a NaN would quantise
+// to an arbitrary level. The flag rides on the pass (one compare and OR per element, vectorised).
 template <typename T, typename Q>
-inline void levels(const T* __restrict__ x, Q* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
+inline bool levels(const T* __restrict__ x, Q* __restrict__ q, int64_t n, T inv, T zp, T qmax) {
+  int nan = 0;
   for (int64_t i = 0; i < n; ++i) {
-    T v = std::floor(x[i] * inv + zp + T(0.5));
+    const T y = x[i];
+    nan |= static_cast<int>(y != y);
+    T v = std::floor(y * inv + zp + T(0.5));
     v = std::min(std::max(v, T(0)), qmax);
     q[i] = static_cast<Q>(static_cast<int32_t>(v));
   }
+  return nan != 0;
 }
 
-PYEFF_CLONES void levels_f32(const float* __restrict__ x, int32_t* __restrict__ q, int64_t n, float inv,
+PYEFF_CLONES bool levels_f32(const float* __restrict__ x, int32_t* __restrict__ q, int64_t n, float inv,
                              float zp, float qmax) {
-  levels<float, int32_t>(x, q, n, inv, zp, qmax);
+  return levels<float, int32_t>(x, q, n, inv, zp, qmax);
 }
 
-PYEFF_CLONES void levels_u8_f32(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
+PYEFF_CLONES bool levels_u8_f32(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t n, float inv,
                                 float zp, float qmax) {
-  levels<float, uint8_t>(x, q, n, inv, zp, qmax);
+  return levels<float, uint8_t>(x, q, n, inv, zp, qmax);
 }
 
 // float32 through the per-instruction-set clones, other types through the plain template
 template <typename T, typename Q>
-inline void levels_fast(const T* x, Q* q, int64_t n, T inv, T zp, T qmax) {
+inline bool levels_fast(const T* x, Q* q, int64_t n, T inv, T zp, T qmax) {
   if constexpr (std::is_same_v<T, float> && std::is_same_v<Q, int32_t>)
-    levels_f32(x, q, n, inv, zp, qmax);
+    return levels_f32(x, q, n, inv, zp, qmax);
   else if constexpr (std::is_same_v<T, float>)
-    levels_u8_f32(x, q, n, inv, zp, qmax);
+    return levels_u8_f32(x, q, n, inv, zp, qmax);
   else
-    levels<T, Q>(x, q, n, inv, zp, qmax);
+    return levels<T, Q>(x, q, n, inv, zp, qmax);
 }
 
 // rows of an NCHW image (channel stride `cstride`) at positions [p0, p0 + len) -> channels_last
@@ -105,39 +112,47 @@ inline void transpose_bytes(const uint8_t* src, int64_t sstride, uint8_t* dst, i
 }
 
 template <typename T>
-void quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_t C, int64_t len, int slices,
+bool quantize_tile_nchw(const T* x, int64_t cstride, uint8_t* const* out, int64_t C, int64_t len, int slices,
                         T inv, T zp, T qmax, int32_t* tile, uint8_t* bytes) {
+  bool nan = false;
   if (slices == 1) {
-    for (int64_t c = 0; c < C; ++c) levels_fast<T, uint8_t>(x + c * cstride, bytes + c * kTile, len, inv, zp, qmax);
+    for (int64_t c = 0; c < C; ++c)
+      nan |= levels_fast<T, uint8_t>(x + c * cstride, bytes + c * kTile, len, inv, zp, qmax);
     transpose_bytes(bytes, kTile, out[0], C, C, len);
-    return;
+    return nan;
   }
-  for (int64_t c = 0; c < C; ++c) levels_fast<T, int32_t>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
+  for (int64_t c = 0; c < C; ++c)
+    nan |= levels_fast<T, int32_t>(x + c * cstride, tile + c * kTile, len, inv, zp, qmax);
   for (int s = 0; s < slices; ++s) {
     const int shift = 8 * s;
     for (int64_t i = 0; i < C * kTile; ++i) bytes[i] = static_cast<uint8_t>(tile[i] >> shift);
     transpose_bytes(bytes, kTile, out[s], C, C, len);
   }
+  return nan;
 }
 
 // channels_last source: element order already matches
 template <typename T>
-void quantize_run_nhwc(const T* x, uint8_t* const* out, int64_t n, int slices, T inv, T zp, T qmax) {
+bool quantize_run_nhwc(const T* x, uint8_t* const* out, int64_t n, int slices, T inv, T zp, T qmax) {
   constexpr int64_t kChunk = 1024;
   int32_t buf[kChunk];
+  bool nan = false;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t len = std::min(kChunk, n - i0);
-    levels_fast<T, int32_t>(x + i0, buf, len, inv, zp, qmax);
+    nan |= levels_fast<T, int32_t>(x + i0, buf, len, inv, zp, qmax);
     for (int s = 0; s < slices; ++s) {
       uint8_t* o = out[s] + i0;
       const int shift = 8 * s;
       for (int64_t i = 0; i < len; ++i) o[i] = static_cast<uint8_t>((buf[i] >> shift) & 255);
     }
   }
+  return nan;
 }
 
-// x (float, 4-D) -> digits [S, N, C, H, W] with channels_last slices, for given inv_scale / zp
-at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, int64_t qmax, int64_t slices) {
+// x (float, 4-D) -> digits [S, N, C, H, W] with channels_last slices, for given inv_scale / zp;
+// *has_nan (when given) says whether x held a NaN
+at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, int64_t qmax, int64_t slices,
+                           bool* has_nan = nullptr) {
   const auto compute = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool cl = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
   at::Tensor x = x_in.to(compute).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
@@ -146,6 +161,7 @@ at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, in
   if (x.numel() == 0) return out;
   uint8_t* base = out.data_ptr<uint8_t>();
   const int64_t per_slice = N * C * HW;
+  std::atomic<bool> nan{false};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "quant_conv_quantize", [&] {
     const scalar_t inv = static_cast<scalar_t>(inv_d), zp = static_cast<scalar_t>(zp_d);
     const scalar_t qm = static_cast<scalar_t>(qmax);
@@ -153,12 +169,14 @@ at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, in
     if (cl) {
       const int64_t total = N * HW * C;
       at::parallel_for(0, total, 1 << 14, [&](int64_t b, int64_t e) {
+        bool found;
         if (slices == 1) {
-          levels_fast<scalar_t, uint8_t>(px + b, base + b, e - b, inv, zp, qm);
-          return;
+          found = levels_fast<scalar_t, uint8_t>(px + b, base + b, e - b, inv, zp, qm);
+        } else {
+          uint8_t* o[2] = {base + b, base + per_slice + b};
+          found = quantize_run_nhwc<scalar_t>(px + b, o, e - b, int(slices), inv, zp, qm);
         }
-        uint8_t* o[2] = {base + b, base + per_slice + b};
-        quantize_run_nhwc<scalar_t>(px + b, o, e - b, int(slices), inv, zp, qm);
+        if (found) nan.store(true, std::memory_order_relaxed);
       });
     } else {
       // parallel over (image, tile of positions)
@@ -166,15 +184,18 @@ at::Tensor quantize_digits(const at::Tensor& x_in, double inv_d, double zp_d, in
       at::parallel_for(0, N * tiles, std::max<int64_t>(1, 256 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
         std::vector<int32_t> tile(slices > 1 ? static_cast<size_t>(C) * kTile : 0);
         std::vector<uint8_t> bytes(static_cast<size_t>(C) * kTile);
+        bool found = false;
         for (int64_t it = b; it < e; ++it) {
           const int64_t n = it / tiles, p0 = (it % tiles) * kTile, len = std::min<int64_t>(kTile, HW - p0);
           uint8_t* o[2] = {base + (n * HW + p0) * C, base + per_slice + (n * HW + p0) * C};
-          quantize_tile_nchw<scalar_t>(px + n * C * HW + p0, HW, o, C, len, int(slices), inv, zp, qm, tile.data(),
-                                       bytes.data());
+          found |= quantize_tile_nchw<scalar_t>(px + n * C * HW + p0, HW, o, C, len, int(slices), inv, zp, qm,
+                                                tile.data(), bytes.data());
         }
+        if (found) nan.store(true, std::memory_order_relaxed);
       });
     }
   });
+  if (has_nan) *has_nan = nan.load();
   return out;
 }
 
@@ -213,7 +234,7 @@ void asym_params(T lo, T hi, int64_t qmax, double* scale, double* inv, double* z
 
 // range (given, or the min-max of x), parameters and digits in one call: the CPU front end of
 // quant_conv2d. Returns (digits, float64 [scale, inv_scale, zero_point, lo, hi]); digits are empty
-// when the range is not finite (the caller raises).
+// when the range is not finite or x holds a NaN (the caller raises).
 std::tuple<at::Tensor, at::Tensor> quantize_auto_cpu(const at::Tensor& x_in, std::optional<at::ArrayRef<double>> a_range,
                                                      int64_t qmax, int64_t slices) {
   check_quantize_args(x_in, qmax, slices, "quant_conv_quantize_auto");
@@ -245,7 +266,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_auto_cpu(const at::Tensor& x_in, std
     asym_params<double>(lo, hi, qmax, p, p + 1, p + 2);
   else
     asym_params<float>(static_cast<float>(lo), static_cast<float>(hi), qmax, p, p + 1, p + 2);
-  return {quantize_digits(x, p[1], p[2], qmax, slices), params};
+  bool nan = false;
+  at::Tensor digits = quantize_digits(x, p[1], p[2], qmax, slices, &nan);
+  if (nan) {  // only reachable with a given range (a NaN makes the min-max NaN): same answer as there
+    p[0] = p[1] = p[2] = p[3] = p[4] = std::numeric_limits<double>::quiet_NaN();
+    return {at::empty({0}, x.options().dtype(at::kByte)), params};
+  }
+  return {digits, params};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bit
             d = weights.digits(forms, weight, w_bits, groups)
             return d.l1max
         route = routes.choose(x.dtype, w_bits, a_bits, act.zp, act.qmax, l1max,
-                              routes.onednn_geometry_ok((KH, KW), stride, padding, dilation, (OH, OW)), routes.sliced_ok(Cg, stride))
+                              routes.onednn_geometry_ok(x.shape[-2:], (KH, KW), stride, padding, dilation, (OH, OW)),
+                              routes.sliced_ok(Cg, stride))
     else:
         route = "gemm"
     if route == "direct":

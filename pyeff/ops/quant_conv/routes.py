@@ -60,17 +60,32 @@ def _single_slice(x_dtype: torch.dtype, w_bits: int, a_bits: int) -> bool:
     return a_bits <= 8 and w_bits <= 8 and x_dtype != torch.float64
 
 
-def onednn_geometry_ok(kernel, stride, padding, dilation, out_hw) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _windows_reach_input(size: int, kernel: int, stride: int, padding: int, dilation: int, out: int) -> bool:
+    """Whether every output window along one axis has a tap on the input (not only on padding)."""
+    for o in range(out):
+        first = o * stride - padding
+        # the taps first + k * dilation, k < kernel: is one of them in [0, size)?
+        k = 0 if first >= 0 else (-first + dilation - 1) // dilation  # the first tap at or after 0
+        if k >= kernel or first + k * dilation >= size:
+            return False
+    return True
+
+
+def onednn_geometry_ok(in_hw, kernel, stride, padding, dilation, out_hw) -> bool:
     """False where oneDNN's int8 convolution is not safe (found by tests/test_fuzz_quant_conv.py;
     pyeff's GEMM route is exact there):
-    - a padding as wide as the dilated kernel along an axis (some outputs see only padding): it
-      crashed (segfault) on tiny inputs with stride / padding / dilation mixed per axis;
-    - a single output along a strided axis with a kernel of 3 or more taps there: it returned
-      garbage (uninitialised values, different from run to run)."""
+    - an output window that sees only padding (padding as wide as the dilated kernel, or a dilated
+      kernel stepping over a tiny input): it crashed (segfault) on tiny inputs with stride /
+      padding / dilation mixed per axis;
+    - a single output along a strided axis: with 2-3 taps there and enough taps along the other
+      axis (2x3, 3x3, 4x2 kernels seen) it returned garbage (uninitialised values, different from
+      run to run); no tap count was found safe for all kernels, so every such plane takes gemm."""
     for a in range(2):
-        if padding[a] >= dilation[a] * (kernel[a] - 1) + 1:
+        if not _windows_reach_input(int(in_hw[a]), int(kernel[a]), int(stride[a]), int(padding[a]),
+                                    int(dilation[a]), int(out_hw[a])):
             return False
-        if out_hw[a] == 1 and stride[a] > 1 and kernel[a] >= 3:
+        if out_hw[a] == 1 and stride[a] > 1:
             return False
     return True
 
@@ -109,7 +124,7 @@ def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, gr
     _, _, zp, qmax = activation_params(x, a_bits, None if a_range is None else fixed_range(a_range))
     return choose(x.dtype, w_bits, a_bits, int(zp.item()), qmax,
                   lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max,
-                  onednn_geometry_ok(weight.shape[-2:], _pair(stride), _pair(padding), _pair(dilation),
+                  onednn_geometry_ok(x.shape[-2:], weight.shape[-2:], _pair(stride), _pair(padding), _pair(dilation),
                                      conv_out_hw(x.shape[-2:], weight.shape[-2:], _pair(stride), _pair(padding),
                                                  _pair(dilation))),
                   sliced_ok(weight.shape[1], _pair(stride)))
