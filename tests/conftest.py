@@ -14,6 +14,13 @@ CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
 
 
+@pytest.fixture(autouse=True)
+def _own_baseline_cache(tmp_path, monkeypatch):
+    """Each test its own float-baseline cache (pyeff.train.baseline_cache): nothing written to the
+    user's cache, and no test sees another's entries."""
+    monkeypatch.setenv("PYEFF_CACHE_DIR", str(tmp_path / "pyeff-cache"))
+
+
 @pytest.fixture
 def rng():
     """A generator with a fresh random seed per test; the seed is printed so a failure reproduces."""

@@ -187,20 +187,39 @@ def run_history(cfg: TrainConfig) -> list:
 
 
 def float_phase(common: dict, data, *, epochs: int, lr: float, out_dir: str, base_model=None,
-                base_checkpoint=None, verbose: bool = True):
-    """Phase 1 of a recipe: `base_model` as given, else loaded from `base_checkpoint`, else trained
-    (`epochs` at `lr`, run folder <out_dir>/phase1-float). Returns (model on the CPU, history or
-    None when nothing was trained)."""
+                base_checkpoint=None, verbose: bool = True, cache: bool = True):
+    """Phase 1 of a recipe: `base_model` as given, else loaded from `base_checkpoint`, else taken from
+    the float-baseline cache (pyeff.train.baseline_cache, when `cache`), else trained (`epochs` at
+    `lr`, run folder <out_dir>/phase1-float) and cached. Returns (model on the CPU, history or None
+    when nothing was trained or cached)."""
+    from pyeff.models import create_model
+    from pyeff.train import baseline_cache
+    from pyeff.train import distributed as dist_util
     from pyeff.train.build import run_training
 
     train_set = data[0]
+    n_cls, in_ch = train_set.num_classes, train_set.images.shape[1]
     if base_model is None and base_checkpoint is not None:
-        base_model = load_base(common["model"], base_checkpoint, train_set.num_classes, train_set.images.shape[1])
+        base_model = load_base(common["model"], base_checkpoint, n_cls, in_ch)
     history = None
     if base_model is None:
         cfg = TrainConfig(epochs=epochs, lr=lr, out_dir=os.path.join(out_dir, "phase1-float"), **common)
-        trainer = run_training(cfg, data=data, verbose=verbose)
-        # the trainer's own history: under DDP, metrics.jsonl is rank 0's file, not yet written
-        # when another rank gets here
-        base_model, history = trainer.model, trainer.history
+        hit = baseline_cache.load(cfg, data, lambda: create_model(cfg.model, num_classes=n_cls, in_channels=in_ch)) \
+            if cache else None
+        if hit is not None:
+            base_model, history = hit
+            if verbose:
+                print(f"phase 1: the float {cfg.model} from the baseline cache "
+                      f"({baseline_cache.entry_path(cfg, data)})", flush=True)
+        else:
+            trainer = run_training(cfg, data=data, verbose=verbose)
+            # the trainer's own history: under DDP, metrics.jsonl is rank 0's file, not yet written
+            # when another rank gets here
+            base_model, history = trainer.model, trainer.history
+            if cache and dist_util.env_info().is_main:
+                baseline_cache.store(cfg, data, _unwrapped(base_model), history)
     return base_model.cpu(), history
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
