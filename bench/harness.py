@@ -1,6 +1,5 @@
 """Timing and reporting shared by pyeff's benchmarks: medians after warm-up, ratios against a
 baseline measured in the same run, the machine, and JSON + Markdown files per machine kind."""
-import copy
 import datetime
 import json
 import os
@@ -123,35 +122,9 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-DENSE_NCHW = "NCHW eager"
-DENSE_CL = "channels_last"
-DENSE_FOLDED = "channels_last, BN folded (torch.fx fuse)"
-DENSE_COMPILED = "channels_last, BN folded, torch.compile"
-
-
-def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile: bool = True) -> dict:
-    """The dense network as a user who cares about speed would deploy it, every variant a callable
-    on `x` ({row name: fn}): NCHW eager, channels_last, channels_last with BatchNorm folded into the
-    convs, and torch.compile of the folded channels_last model (the fastest eager variant on these
-    CPUs; compiled and warmed up here, so compile time is outside every timing). `label` names the
-    network in the row names. Every benchmark takes its "best dense" from these rows
-    (`best_dense`), measured in its own run."""
-    from torch.fx.experimental.optimization import fuse
-
-    model = model.eval()
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    folded = fuse(cl)
-    fns = {f"dense {label} ({DENSE_NCHW})": lambda: model(x),
-           f"dense {label} ({DENSE_CL})": lambda: cl(xcl),
-           f"dense {label} ({DENSE_FOLDED})": lambda: folded(xcl)}
-    if compile:
-        compiled = torch.compile(folded)
-        with torch.no_grad():
-            for _ in range(2):  # compilation and its first-run autotuning happen here
-                compiled(xcl)
-        fns[f"dense {label} ({DENSE_COMPILED})"] = lambda: compiled(xcl)
-    return fns
+# the dense network as a user would deploy it: one builder, shared with `pyeff reproduce`
+from pyeff.experiments.measure import (DENSE_CL, DENSE_COMPILED, DENSE_FOLDED, DENSE_NCHW,  # noqa: E402,F401
+                                       dense_baselines)
 
 
 def best_dense(medians: dict, baselines: dict) -> tuple[str, float]:

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import pyeff.experiments as ex
-from pyeff.experiments import markdown_table, register_experiment, run_experiments
+from pyeff.experiments import claim, markdown_table, register_experiment, run_experiments
 
 
 @pytest.fixture
@@ -57,7 +57,9 @@ def test_report_has_tables_plots_machine_and_failures(tmp_path, registry):
         return {"summary": {"accuracy (%)": 91.25 * scale, "params": 1234567},
                 "table": [{"method": "dense", "acc": 0.9}, {"method": "ours", "acc": 0.95}],
                 "tables": [{"title": "Extra", "rows": [{"k": "v|w"}]}],
-                "plots": ["toy.png"], "notes": "Some *notes*."}
+                "plots": ["toy.png"], "notes": "Some *notes*.",
+                "claims": [claim("toys fly", "Fig. 1: 100%", "92%", False), claim("toys land", "", "yes", True),
+                           claim("toys sing", "", "not measured", None)]}
 
     @register_experiment("broken", "Always fails")
     def broken(out_dir, quick, data_dir=None, seed=0):
@@ -72,11 +74,24 @@ def test_report_has_tables_plots_machine_and_failures(tmp_path, registry):
                  "A toy experiment", "| accuracy (%) | 91.25 |", "| params | 1,234,567 |",
                  "| method | acc |", "| dense | 0.9 |", "**Extra**", "v\\|w",
                  "![toy: toy.png](toy/toy.png)", "Some *notes*.", "## broken",
-                 "**Failed:** RuntimeError: boom", "total wall time", "FAILED", "mode: **quick**"):
+                 "**Failed:** RuntimeError: boom", "total wall time", "FAILED", "mode: **quick**",
+                 "**Smoke test, not evidence.**", "| claim | paper | measured here | holds here |",
+                 "| toys fly | Fig. 1: 100% | 92% | **no** |", "| toys land |  | yes | **yes** |",
+                 "| toys sing |  | not measured | not tested |"):
         assert text in md, text
+    assert md.index("toys fly") < md.index("| accuracy (%) |"), "the claim table opens the section"
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["experiments"]["toy"]["summary"]["params"] == 1234567
     assert "cpu" in results["machine"] and results["experiments"]["toy"]["wall_time_s"] >= 0
+
+
+def test_full_mode_report_is_not_labelled_a_smoke_test(tmp_path, registry):
+    @register_experiment("toy3", "full mode")
+    def toy3(out_dir, quick, data_dir=None, seed=0):
+        return {"summary": {"quick": quick}}
+
+    md = open(run_experiments(["toy3"], str(tmp_path), quick=False)["report"]).read()
+    assert "mode: **full**" in md and "Smoke test" not in md
 
 
 def test_overrides_are_checked(tmp_path, registry):
@@ -173,7 +188,8 @@ def test_method_reports_link_images_relative_to_the_report(tmp_path, monkeypatch
     """Every registered experiment, shrunk to seconds, into a relative out folder: each image link in
     the report resolves from the report's folder."""
     monkeypatch.chdir(tmp_path)
-    tiny = dict(dataset="digits", train_subset=96, test_subset=48, batch_size=32, time_per_point=0.01)
+    tiny = dict(dataset="digits", train_subset=96, test_subset=48, batch_size=32, time_per_point=0.01,
+                compile_dense=False)
     runs = {"baseline": dict(dataset="digits", epochs=1, train_subset=96, test_subset=48, batch_size=32,
                              latency_batch=4, latency_time=0.01, device="cpu"),
             "dfs": dict(tiny, base_epochs=1, bits=(0, 8, 32), targets=(25,), skip_targets=(25,), static_bits=(8,)),

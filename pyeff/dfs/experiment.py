@@ -15,22 +15,29 @@ from pyeff.experiments import register_experiment
 QUICK = dict(model="resnet20", train_subset=6000, test_subset=1000, batch_size=64, base_epochs=4,
              base_lr=0.05, gate_epochs=1, dfs_epochs=1, dfs_lr=0.02, train_mode="routed",
              targets=(10, 25, 50, 75), skip_targets=(25, 50), static_bits=(8, 12, 16))
-FULL = dict(model="resnet38", train_subset=None, test_subset=None, batch_size=128, base_epochs=10,
-            base_lr=0.1, gate_epochs=1, dfs_epochs=6, dfs_lr=0.02, train_mode="all",
-            targets=(10, 25, 40, 60, 80), skip_targets=(25, 40, 60, 80), static_bits=(8, 10, 12, 14, 16))
+# The evidence preset (docs/reproduce.md): the float ResNet-20 trained close to convergence on all of
+# shapes (15 epochs, ~95%; shared with ddi through the baseline cache), then 4 epochs of DFS per
+# point. ResNet-38, the paper's network, does not fit the hour on 2 cores: measured there, it trains
+# at ~300 images/s dense and ~260 DFS-routed against ~520 and ~480 for ResNet-20, so its baseline
+# and six DFS / skip-only runs alone take ~55 min. All-paths training (the paper's) runs at ~75
+# images/s (ResNet-20): routed training is the default, all-paths is tried in docs/reports/dfs.
+FULL = dict(model="resnet20", train_subset=None, test_subset=None, batch_size=128, base_epochs=15,
+            base_lr=0.1, gate_epochs=1, dfs_epochs=4, dfs_lr=0.02, train_mode="routed",
+            targets=(15, 25, 50), skip_targets=(15, 25, 50), static_bits=(8, 12, 16))
 
 
 @register_experiment("dfs", "DFS (dynamic fractional skipping) on shapes: accuracy vs computation against "
                             "skip-only gating and static quantisation, with measured wall-clock per image")
 def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 10, 12, 14, 16, 32),
-        beta=None, time_per_point=None, threads=None, base_checkpoint=None, **overrides) -> dict:
+        beta=None, time_per_point=None, threads=None, base_checkpoint=None, compile_dense=True,
+        **overrides) -> dict:
     import torch
 
     from pyeff.data import BatchLoader
     from pyeff.dfs.model import convert
     from pyeff.dfs.recipe import DEFAULT_BETA, GATE_PHASE_BETA, DFSHook, calibration_batches
     from pyeff.train.phases import float_phase, load_subsets, recipe_config, sgd
-    from pyeff.experiments.measure import inference_latency, latency_on
+    from pyeff.experiments.measure import best_dense_latency, inference_latency, latency_on
     from pyeff.train import TrainConfig, run_training
 
     P = dict(QUICK if quick else FULL)
@@ -57,8 +64,11 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     with torch.no_grad():
         correct = sum(int((base(xb).argmax(1) == yb).sum()) for xb, yb in loader)
     dense_acc = 100 * correct / len(test_set)
+    # the dense model as a user would deploy it (channels_last, BN folded, torch.compile: the fastest)
+    best_variant, best_ms = best_dense_latency(base, x_time, time_per_point, compile=compile_dense)
     rows = [{"method": "dense float", "bits": "32", "target %": "", "computation %": 100.0,
-             "accuracy %": dense_acc, "ms / image": dense_ms, "dense ms / image": dense_ms, "speed-up": 1.0}]
+             "accuracy %": dense_acc, "ms / image": dense_ms, "dense ms / image": dense_ms, "speed-up": 1.0,
+             "speed-up vs best dense": best_ms / dense_ms}]
 
     def timed(net):
         d_ms = inference_latency(net.to_dense(), shape, min_run_time=time_per_point)["per_image_ms"]
@@ -69,7 +79,8 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
         ms, d_ms = timed(net)
         rows.append({"method": method, "bits": note_bits, "target %": target,
                      "computation %": stats["computation_pct"], "accuracy %": 100 * stats["accuracy"],
-                     "ms / image": ms, "dense ms / image": d_ms, "speed-up": d_ms / ms})
+                     "ms / image": ms, "dense ms / image": d_ms, "speed-up": d_ms / ms,
+                     "speed-up vs best dense": best_ms / ms})
         print(f"   {method} target {target}: {rows[-1]}", flush=True)
         return stats
 
@@ -108,18 +119,70 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     _plot(rows, plot)
     best = [r for r in rows if r["method"] == "DFS"]
     summary = {"model": P["model"], "dataset": dataset, "dense accuracy %": dense_acc,
-               "dense ms / image (batch 128)": dense_ms, "DFS bits": str(tuple(bits)), "beta": beta,
+               "dense ms / image (batch 128)": dense_ms,
+               f"best dense ms / image ({best_variant})": best_ms, "DFS bits": str(tuple(bits)), "beta": beta,
                "train mode": P["train_mode"],
                "DFS points (computation % / accuracy % / speed-up)": "; ".join(
                    f"{r['computation %']:.0f} / {r['accuracy %']:.1f} / {r['speed-up']:.2f}x" for r in best)}
     notes = ("Computation % = 100 x mean bit-product cost (b/32)^2 over samples and gated blocks (the stem and "
              "first block always run in float and are not counted, as in the paper). Wall-clock: median of "
              "torch.utils.benchmark at batch 128 in eval, the DFS net on real test images (its decisions), the "
-             "dense float model re-measured beside each point; this CPU is shared, so absolute times are noisy "
-             "and the ratio column is what to read. Static quantisation is post-training (the shared float "
+             "dense float model re-measured beside each point ('speed-up'); 'speed-up vs best dense' divides by "
+             "the fastest deployment of the dense network (NCHW, channels_last, BN folded, torch.compile), "
+             "measured once. Static quantisation is post-training (the shared float "
              "network, activation ranges calibrated on 4 training batches), not quantisation-aware training.")
-    return {"summary": summary, "table": rows, "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
+    return {"claims": _claims(rows, dense_acc), "summary": summary, "table": rows, "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
             "decision_stats": all_stats, "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items()}}
+
+
+def _claims(rows, dense_acc) -> list:
+    """The paper's claims against this run's rows (see docs/reproduce.md for how each is judged)."""
+    from pyeff.experiments import claim
+
+    dfs = sorted((r for r in rows if r["method"] == "DFS"), key=lambda r: r["computation %"])
+    skip = [r for r in rows if r["method"] == "skip-only"]
+    static = sorted((r for r in rows if r["method"] == "static quant"), key=lambda r: r["computation %"])
+    out = []
+    # 1. above skip-only gating at equal computation: pairs of the same target, DFS spending at most
+    #    as much (10% slack on the reached level, which the hinge holds only approximately)
+    pairs = [(d, k) for d in dfs for k in skip if k["target %"] == d["target %"]]
+    fair = [(d, k) for d, k in pairs if d["computation %"] <= 1.1 * k["computation %"] + 1]
+    text = "; ".join(f"{d['computation %']:.0f}%: {d['accuracy %']:.1f} vs {k['accuracy %']:.1f} "
+                     f"(skip-only at {k['computation %']:.0f}%)" for d, k in pairs)
+    out.append(claim("DFS beats skip-only (SkipNet-style) gating at equal computation, at every level",
+                     "Fig. 6: DFS-ResNet74 above SkipNet-74 at every computation % (CIFAR-10)",
+                     text or "no matched points",
+                     bool(fair) and len(fair) == len(pairs) and all(d["accuracy %"] > k["accuracy %"]
+                                                                   for d, k in fair)))
+    # 2. near-dense accuracy at about a quarter of the computation
+    near = min(dfs, key=lambda r: abs(r["computation %"] - 25), default=None)
+    if near is not None:
+        gap = dense_acc - near["accuracy %"]
+        out.append(claim("DFS at ~25% computation stays within 1.5 points of the dense network",
+                         "Fig. 6: DFS-ResNet38 near the full-precision accuracy at a quarter of the cost",
+                         f"{near['accuracy %']:.1f}% at {near['computation %']:.0f}% vs dense {dense_acc:.1f}% "
+                         f"({gap:+.1f} points below)", abs(near["computation %"] - 25) <= 5 and gap <= 1.5))
+    # 3. above static uniform quantisation at equal cost: each DFS point against the cheapest static
+    #    point that spends at least as much
+    cmp = []
+    for d in dfs:
+        s = next((q for q in static if q["computation %"] >= d["computation %"] - 1), None)
+        if s is not None:
+            cmp.append((d, s))
+    out.append(claim("DFS beats static quantisation at equal cost",
+                     "Fig. 6: DFS-ResNet38 above uniform 8-16 bit quantisation at equal bit-product cost",
+                     "; ".join(f"{d['accuracy %']:.1f} at {d['computation %']:.0f}% vs {s['bits']}-bit "
+                               f"{s['accuracy %']:.1f} at {s['computation %']:.0f}%" for d, s in cmp)
+                     or "no static point spends as much", bool(cmp) and all(d["accuracy %"] >= s["accuracy %"]
+                                                                            for d, s in cmp)))
+    # 4. beyond the paper: the saving is wall-clock, against the best deployment of the dense model
+    if near is not None:
+        out.append(claim("pyeff: the computation saving is measured wall-clock (DFS at ~25% faster than the "
+                         "best deployed dense network)",
+                         "not measured (the reference code computes every path: ~6x slower than dense)",
+                         f"{near['speed-up vs best dense']:.2f}x vs the best dense, {near['speed-up']:.2f}x vs "
+                         "eager NCHW", near["speed-up vs best dense"] > 1))
+    return out
 
 
 def _plot(rows, path):

@@ -19,6 +19,8 @@ The returned dict may hold (all optional):
     plots:   [path, ...]             PNGs, absolute or relative to out_dir; embedded in the report
                                      (linked relative to report.md, so the report folder can move)
     notes:   Markdown text
+    claims:  [{"claim": str, "paper": str, "measured": str, "holds": bool or None}, ...]
+             the paper's claims and what this run measured; rendered first (see `claim`)
 Everything returned is also saved to results.json. `quick=True` is a smoke-test preset that
 should finish within minutes on a 2-core CPU (measured: baseline ~1.5 min, dfs 287 s, ddi 512 s);
 keyword overrides (from `--set key=value`) let tests shrink a run further.
@@ -133,6 +135,18 @@ def _fmt(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def claim(text: str, paper: str, measured: str, holds) -> dict:
+    """One row of a report's claim table: the paper's claim (briefly), the paper's own figure, the
+    measured counterpart, and whether it holds here (None: not testable in this run)."""
+    return {"claim": text, "paper": paper, "measured": measured, "holds": holds}
+
+
+def _claims_table(claims) -> str:
+    rows = [{"claim": c["claim"], "paper": c.get("paper", ""), "measured here": c.get("measured", ""),
+             "holds here": {True: "**yes**", False: "**no**"}.get(c.get("holds"), "not tested")} for c in claims]
+    return markdown_table(rows)
+
+
 def markdown_table(rows) -> str:
     """A Markdown table from a list of dicts (columns in first-seen order)."""
     if not rows:
@@ -239,6 +253,10 @@ def _render_report(exps, results, out_dir, quick, machine, total, command) -> st
              + (f" by `{command}`" if command else "") + f"; mode: **{'quick' if quick else 'full'}**;"
              f" total wall time {total:.1f} s.")
     L.append("")
+    if quick:
+        L += ["> **Smoke test, not evidence.** `--quick` trains small networks on a subset for minutes so "
+              "that CI can run every experiment; its accuracy columns are noise. The evidence is the "
+              "default mode (`pyeff reproduce NAME`, see docs/reproduce.md).", ""]
     mrow = {"CPU": machine.get("cpu"), "cores": machine.get("cpu_count"),
             "torch threads": machine.get("torch_threads"), "torch": machine.get("torch")}
     if "gpu" in machine:
@@ -260,6 +278,8 @@ def _render_report(exps, results, out_dir, quick, machine, total, command) -> st
         if "error" in res:
             L += [f"**Failed:** {res['error']}", "", "```", res["traceback"].rstrip(), "```", ""]
             continue
+        if res.get("claims"):
+            L += ["**The paper's claims, measured here**", "", _claims_table(res["claims"])]
         if res.get("summary"):
             L += ["| metric | value |", "|---|---|"]
             L += [f"| {k} | {_fmt(v)} |" for k, v in res["summary"].items()]
@@ -295,9 +315,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "the machine and the wall time, plus results.json.")
     p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="smaller smoke-test presets, minutes each on 2 CPU cores (measured there: "
-                        "baseline ~1.5 min, dfs 287 s, ddi 512 s; the full dfs and ddi presets take "
-                        "hours) (default: off)")
+                   help="smoke-test presets for CI, minutes each on 2 CPU cores; their reports are "
+                        "labelled 'smoke test, not evidence' (default: off: the evidence presets, "
+                        "each experiment within an hour on 2 CPU cores; see docs/reproduce.md)")
     p.add_argument("--out", default=None,
                    help="output directory (default: runs/reproduce-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--data-dir", default=None,

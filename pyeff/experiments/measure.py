@@ -122,3 +122,53 @@ def machine_info() -> dict:
     except Exception:  # noqa: BLE001  (the report must not fail on a half-built package)
         pass
     return info
+
+
+DENSE_NCHW = "NCHW eager"
+DENSE_CL = "channels_last"
+DENSE_FOLDED = "channels_last, BN folded (torch.fx fuse)"
+DENSE_COMPILED = "channels_last, BN folded, torch.compile"
+
+
+def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile: bool = True) -> dict:
+    """The dense network as a user who cares about speed would deploy it, every variant a callable
+    on `x` ({row name: fn}): NCHW eager, channels_last, channels_last with BatchNorm folded into the
+    convs, and torch.compile of the folded channels_last model (the fastest eager variant on these
+    CPUs; compiled and warmed up here, so compile time is outside every timing). `label` names the
+    network in the row names. Every benchmark (bench/harness.best_dense) and every experiment
+    (`best_dense_latency`) takes its "best dense" from these rows, measured in its own run."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    model = model.eval()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    folded = fuse(cl)
+    fns = {f"dense {label} ({DENSE_NCHW})": lambda: model(x),
+           f"dense {label} ({DENSE_CL})": lambda: cl(xcl),
+           f"dense {label} ({DENSE_FOLDED})": lambda: folded(xcl)}
+    if compile:
+        compiled = torch.compile(folded)
+        with torch.no_grad():
+            for _ in range(2):  # compilation and its first-run autotuning happen here
+                compiled(xcl)
+        fns[f"dense {label} ({DENSE_COMPILED})"] = lambda: compiled(xcl)
+    return fns
+
+
+def best_dense_latency(model, x, min_run_time: float = 1.0, compile: bool = True) -> tuple[str, float]:
+    """(variant, ms per image) of the fastest of `dense_baselines(model, x)`, each timed like
+    `latency_on` (median of blocked_autorange after a warm-up call)."""
+    benchmark = benchmark_module()
+    best = None
+    for name, fn in dense_baselines(model, x, "", compile=compile).items():
+        with torch.no_grad():
+            fn()
+            m = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
+        ms = 1000 * m.median / x.shape[0]
+        variant = name[name.index("(") + 1:name.rindex(")")]
+        if best is None or ms < best[1]:
+            best = (variant, ms)
+    return best
