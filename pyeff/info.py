@@ -62,18 +62,24 @@ def cpu_paths(flags: set) -> dict:
         "AVX-VNNI" if "avx_vnni" in flags else None
     words = {"direct": f"direct: one oneDNN int8 conv ({int8}), epilogue fused",
              "sliced": f"sliced: one oneDNN int8 conv ({int8}) per byte slice + pyeff epilogue",
-             "gemm": "gemm: pyeff im2col + int8 GEMM (at::_int_mm) + pyeff epilogue"}
+             "gemm": "gemm: pyeff im2col + int8 GEMM (at::_int_mm) + pyeff epilogue",
+             "float": "float: F.conv2d on the integer levels (float32 below 2^24, else float64) + scales"}
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 16, 8, 8, generator=g), torch.randn(16, 16, 3, 3, generator=g)
     xl, wl = torch.randn(2, 256, 4, 4, generator=g), torch.randn(8, 256, 3, 3, generator=g)
     paths = {}
     try:
-        paths["quant_conv2d <= 8 bits"] = words[qc.cpu_route(x, w, w_bits=8, a_bits=8, padding=1)]
-        small, long = (qc.cpu_route(x, w, w_bits=16, a_bits=16, padding=1),
-                       qc.cpu_route(xl, wl, w_bits=16, a_bits=16, padding=1))
+        paths["quant_conv2d route choice"] = (
+            "measured: each shape's first call times every exact route and keeps the fastest "
+            f"({qc.AUTOTUNE_ENV}=0: the fixed rules below)" if qc.autotune_enabled() else
+            f"the fixed rules below ({qc.AUTOTUNE_ENV}=0)")
+        fixed = dict(padding=1, measured=False)
+        paths["quant_conv2d <= 8 bits"] = words[qc.cpu_route(x, w, w_bits=8, a_bits=8, **fixed)]
+        small, long = (qc.cpu_route(x, w, w_bits=16, a_bits=16, **fixed),
+                       qc.cpu_route(xl, wl, w_bits=16, a_bits=16, **fixed))
         paths["quant_conv2d 9-16 bits"] = words[small] + (
             "" if small == long else f"; {long} where an accumulator could pass 2^24 (long reductions)")
-        paths["quant_conv2d float64"] = words[qc.cpu_route(x.double(), w.double(), w_bits=8, a_bits=8, padding=1)]
+        paths["quant_conv2d float64"] = words[qc.cpu_route(x.double(), w.double(), w_bits=8, a_bits=8, **fixed)]
         if not qc.cpu_has_int8_dot():
             paths["quant_conv2d note"] = "no VNNI/AMX: oneDNN's int8 conv is not exact here, every call takes gemm"
     except ValueError as exc:  # a bad PYEFF_QUANT_CONV_CPU_PATH
@@ -99,7 +105,7 @@ def cpu_paths(flags: set) -> dict:
     except ValueError as exc:  # a bad PYEFF_MASKED_CONV_STRATEGY
         paths["masked_conv2d"] = str(exc)
     paths["fake_quant kernel"] = f"{isa} (target_clones, chosen at load time)"
-    forced = {k: os.environ[k] for k in (qc.CPU_PATH_ENV, mc.STRATEGY_ENV) if os.environ.get(k)}
+    forced = {k: os.environ[k] for k in (qc.CPU_PATH_ENV, qc.AUTOTUNE_ENV, mc.STRATEGY_ENV) if os.environ.get(k)}
     paths["forced from the environment"] = ", ".join(f"{k}={v}" for k, v in forced.items()) or "nothing"
     return paths
 

@@ -64,6 +64,20 @@ def num_threads(n: int):
 
 threads = st.sampled_from([1, 2])
 
+
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """Environment variable `name` set to `value` inside (an op's route switch, for one case)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
 # --------------------------------------------------------------------------------------------
 # dtypes, values
 

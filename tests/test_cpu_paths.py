@@ -1,6 +1,8 @@
 """Every CPU path this machine can run, forced one by one through the public switches
 (PYEFF_QUANT_CONV_CPU_PATH, PYEFF_MASKED_CONV_STRATEGY) and checked against the reference, with
-the path confirmed by the public route functions (cpu_route, cpu_strategy). What
+the path confirmed by the public route functions (cpu_route, cpu_strategy; quant_conv's measured
+route choice is off here, PYEFF_QUANT_CONV_AUTOTUNE=0, so that the fixed rules are what is tested,
+and each route is also forced by name). What
 tests/test_quant_conv.py and test_masked_conv.py already cover is not repeated: here are the
 `onednn` switch value, each quant_conv route on quant_linear, strided and grouped convs and
 float64, each masked_conv strategy with its gradients, and the no-AVX-512 strategy choice.
@@ -22,8 +24,13 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture(autouse=True)
+def fixed_rules(monkeypatch):
+    monkeypatch.setenv(qc.AUTOTUNE_ENV, "0")
+
+
 def _routes_here():
-    return ("direct", "sliced", "gemm") if qc.cpu_has_int8_dot() else ("gemm",)
+    return ("direct", "sliced", "gemm", "float") if qc.cpu_has_int8_dot() else ("gemm", "float")
 
 
 # (x shape, weight shape, conv kwargs): a long reduction with 16-bit weights needs the int32 GEMM
@@ -32,16 +39,22 @@ CONVS = {
     "sliced": [((2, 6, 9, 7), (8, 6, 3, 3), dict(padding=1)), ((3, 6, 11, 10), (9, 2, 3, 3), dict(stride=2, groups=3))],
     "gemm": [((2, 256, 4, 4), (8, 256, 3, 3), dict(padding=1)),
              ((2, 512, 5, 4), (8, 256, 3, 3), dict(padding=1, dilation=2, groups=2))],
+    # never first under the fixed rules: reached by name (depthwise, strided, a long reduction)
+    "float": [((2, 6, 9, 7), (6, 1, 3, 3), dict(padding=1, groups=6)), ((3, 6, 11, 10), (9, 2, 3, 3), dict(stride=2, groups=3)),
+              ((2, 256, 4, 4), (8, 256, 3, 3), dict(padding=1))],
 }
-BITS = {"direct": [(8, 8), (4, 6), (2, 3)], "sliced": [(16, 16), (12, 9), (8, 16)], "gemm": [(16, 16)]}
+BITS = {"direct": [(8, 8), (4, 6), (2, 3)], "sliced": [(16, 16), (12, 9), (8, 16)], "gemm": [(16, 16)],
+        "float": [(8, 8), (16, 16), (12, 9), (2, 3)]}
 
 
-@pytest.mark.parametrize("switch", ["auto", "onednn"])
-@pytest.mark.parametrize("route", ["direct", "sliced", "gemm"])
+# the fixed rules (auto, onednn) never put the float route first: it is reached by name only
+@pytest.mark.parametrize("route, switch", [(r, s) for r in ("direct", "sliced", "gemm") for s in ("auto", "onednn",
+                                                                                                  "by name")]
+                         + [("float", "by name")])
 def test_quant_conv2d_each_route_matches_reference(route, switch, gen, monkeypatch):
     if route not in _routes_here():
         pytest.skip(f"route {route} needs VNNI/AMX and oneDNN")
-    monkeypatch.setenv(qc.CPU_PATH_ENV, switch)
+    monkeypatch.setenv(qc.CPU_PATH_ENV, route if switch == "by name" else switch)
     for xs, ws, kw in CONVS[route]:
         x = torch.randn(*xs, generator=gen) * 2 + 0.3
         w = torch.randn(*ws, generator=gen)
@@ -70,14 +83,16 @@ def test_quant_linear_each_route_matches_reference(route, gen, monkeypatch):
     torch.testing.assert_close(got, ref.reshape(3, 5, 11))
 
 
-@pytest.mark.parametrize("switch", ["auto", "onednn", "gemm"])
+@pytest.mark.parametrize("switch", ["auto", "onednn", "gemm", "float"])
 def test_quant_conv2d_float64_and_half_under_each_switch(switch, gen, monkeypatch):
     monkeypatch.setenv(qc.CPU_PATH_ENV, switch)
     x, w = torch.randn(2, 6, 9, 7, generator=gen), torch.randn(8, 6, 3, 3, generator=gen)
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
         xd, wd = x.to(dtype), w.to(dtype)
         route = qc.cpu_route(xd, wd, w_bits=8, a_bits=8)
-        if switch == "gemm" or not qc.cpu_has_int8_dot():
+        if switch == "float":
+            assert route == "float"
+        elif switch == "gemm" or not qc.cpu_has_int8_dot():
             assert route == "gemm"
         elif dtype == torch.float64:  # the direct route's float32 epilogue is not exact enough
             assert route != "direct"
@@ -167,10 +182,12 @@ def test_info_states_each_ops_path(monkeypatch):
     from pyeff import info
 
     monkeypatch.delenv(qc.CPU_PATH_ENV, raising=False)
+    monkeypatch.delenv(qc.AUTOTUNE_ENV, raising=False)
     monkeypatch.delenv(mc.STRATEGY_ENV, raising=False)
     got = info.collect()
+    assert got["quant_conv2d route choice"].startswith("measured")
     x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
-    assert got["quant_conv2d <= 8 bits"].startswith(qc.cpu_route(x, w, w_bits=8, a_bits=8) + ":")
+    assert got["quant_conv2d <= 8 bits"].startswith(qc.cpu_route(x, w, w_bits=8, a_bits=8, measured=False) + ":")
     assert got["masked_conv2d strides / groups / float64"].startswith("masked_dense")
     assert got["fake_quant kernel"].split()[0] in ("AVX-512", "AVX2", "baseline")
     assert got["forced from the environment"] == "nothing"

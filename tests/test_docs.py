@@ -13,7 +13,7 @@ def _blocks(name: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(), re.S)
 
 
-@pytest.mark.parametrize("name, index", [("dynamic.md", 0), ("quant_conv.md", 1)])
+@pytest.mark.parametrize("name, index", [("dynamic.md", 0), ("quant_conv.md", 1), ("quant_conv.md", 2)])
 def test_doc_example_runs(name, index):
     from pyeff.dynamic import unregister_block
 
@@ -27,3 +27,5 @@ def test_doc_example_runs(name, index):
             unregister_block(scope["MyBlock"])
     if name == "dynamic.md":
         assert scope["logits"].shape == (2, 10) and len(scope["net"].blocks) == 3
+    if (name, index) == ("quant_conv.md", 2):
+        assert scope["calls"][-1]["route"] in ("direct", "sliced", "gemm", "float")

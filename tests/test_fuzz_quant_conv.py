@@ -3,7 +3,8 @@ route it takes) and the reference backend against quant_conv2d_reference (docs/q
 to the float64 reference up to the final rounding to the output dtype), over conv geometry (tiny
 inputs, stride / padding / dilation mixed per axis, padding wider than the kernel, groups,
 depthwise), channel counts around the vector widths, bit widths, a_range, out_scale, bias, ReLU,
-dtypes, memory layouts, thread counts (1 and 2) and value classes.
+dtypes, memory layouts, thread counts (1 and 2), value classes and the CPU route (the measured
+choice, or each route forced by name where it is exact for the operands).
 Failing examples found by the fuzzer are kept below as explicit regression cases."""
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import fuzzing as fz
 from pyeff.ops import quant_conv2d, quant_conv2d_reference, quant_linear
+from pyeff.ops.quant_conv import CPU_PATH_ENV
 
 # the output's rounding: float32 through oneDNN's float32 epilogue (direct route) or from float64
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -29,7 +31,10 @@ def conv_cases(draw):
                 w_bits=draw(st.integers(2, 16)), a_bits=draw(st.integers(1, 16)),
                 a_range=draw(st.one_of(st.none(), st.tuples(st.floats(-4, 0), st.floats(0, 4)))),
                 bias=draw(st.booleans()), out_scale=draw(st.booleans()), relu=draw(st.booleans()),
-                layout=draw(fz.layouts), threads=draw(fz.threads))
+                layout=draw(fz.layouts), threads=draw(fz.threads), route=draw(ROUTE_CHOICES))
+
+
+ROUTE_CHOICES = st.sampled_from(["auto", "direct", "sliced", "gemm", "float"])
 
 
 def check_conv(c, backends=None):
@@ -41,7 +46,7 @@ def check_conv(c, backends=None):
     kw = dict(**fz.conv_kwargs(g), w_bits=c["w_bits"], a_bits=c["a_bits"], a_range=c["a_range"], out_scale=s,
               relu=c["relu"])
     fz.log_case(c)
-    with fz.num_threads(c["threads"]):
+    with fz.num_threads(c["threads"]), fz.env(CPU_PATH_ENV, c.get("route", "auto")):
         ref = quant_conv2d_reference(x, w, b, **kw)
         bound = F.conv2d(x.double().abs(), w.double().abs(), None, g["stride"], g["padding"], g["dilation"],
                          g["groups"])
@@ -110,7 +115,7 @@ def linear_cases(draw):
                 fin=draw(fz.CHANNELS), fout=draw(fz.CHANNELS), dtype=draw(fz.dtypes), xv=draw(fz.values(KINDS)),
                 wv=draw(fz.values(("normal", "integers", "outlier", "one_value"))), w_bits=draw(st.integers(2, 16)),
                 a_bits=draw(st.integers(1, 16)), bias=draw(st.booleans()), layout=draw(fz.layouts),
-                threads=draw(fz.threads))
+                threads=draw(fz.threads), route=draw(ROUTE_CHOICES))
 
 
 def check_linear(c):
@@ -119,7 +124,7 @@ def check_linear(c):
     w = fz.make_values((c["fout"], c["fin"]), dtype, *c["wv"])
     b = torch.linspace(-1, 1, c["fout"], dtype=torch.float64).to(dtype) if c["bias"] else None
     fz.log_case(c)
-    with fz.num_threads(c["threads"]):
+    with fz.num_threads(c["threads"]), fz.env(CPU_PATH_ENV, c.get("route", "auto")):
         ref = quant_conv2d_reference(x.reshape(-1, c["fin"], 1, 1), w[:, :, None, None], b, w_bits=c["w_bits"],
                                      a_bits=c["a_bits"]).reshape(*c["lead"], c["fout"])
         mag = float((x.double().abs().reshape(-1, c["fin"]) @ w.double().abs().t()).max()) + 1.0

@@ -55,7 +55,8 @@ def test_native_cpu_matches_reference(shape, route, rng, monkeypatch):
             torch.testing.assert_close(got, ref, msg=lambda m: f"{wb}/{ab} bits {dtype} {route}: {m}")
 
 
-def test_cpu_routes_are_all_exercised(rng):
+def test_cpu_routes_are_all_exercised(rng, monkeypatch):
+    monkeypatch.setenv(qc.AUTOTUNE_ENV, "0")  # the fixed rules
     x, w, b, kw = _case(SHAPES[3], rng)
     # a long reduction with 16-bit weights exceeds float32's exact range: the int32 GEMM route
     xw, ww = torch.randn(2, 256, 4, 4, generator=rng), torch.randn(8, 256, 3, 3, generator=rng)
@@ -70,6 +71,59 @@ def test_cpu_routes_are_all_exercised(rng):
         assert seen == ["direct", "sliced", "gemm"]
     else:
         assert seen == ["gemm"] * 3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_route_matches_reference(shape, rng, monkeypatch):
+    """The float route (an integer-valued F.conv2d, float32 or float64 by the accumulator bound)."""
+    monkeypatch.setenv(qc.CPU_PATH_ENV, "float")
+    for wb, ab in BITS:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x, w, b, kw = _case(shape, rng, dtype)
+            with qc.tracing() as calls:
+                got = quant_conv2d(x, w, b, **kw, w_bits=wb, a_bits=ab, relu=True, backend="native")
+            assert [c["route"] for c in calls] == ["float"]
+            torch.testing.assert_close(got, quant_conv2d_reference(x, w, b, **kw, w_bits=wb, a_bits=ab, relu=True),
+                                       msg=lambda m: f"{wb}/{ab} bits {dtype}: {m}")
+
+
+def test_measured_route_choice(rng, monkeypatch):
+    """With autotuning on (the default), a shape's first call times every exact route and keeps the
+    fastest: later calls of that shape (and of batches rounding to the same power of two) take it
+    without timing, the result matches the reference either way, and the choice is one of the
+    exact candidates."""
+    from pyeff.ops.quant_conv import routes
+
+    monkeypatch.delenv(qc.AUTOTUNE_ENV, raising=False)
+    monkeypatch.delenv(qc.CPU_PATH_ENV, raising=False)
+    x, w, b, kw = _case(SHAPES[3], rng)
+    key = routes.tune_key(x, w, (1, 1), (1, 1), (1, 1), 1, 16, 16)
+    routes._TUNED.pop(key, None)
+    timed = []
+    real = routes.time.perf_counter
+    monkeypatch.setattr(routes.time, "perf_counter", lambda: timed.append(1) or real())
+    with qc.tracing() as calls:
+        first = quant_conv2d(x, w, b, **kw, w_bits=16, a_bits=16)
+    chosen = calls[0]["route"]
+    assert chosen in qc.ROUTES and qc.tuned_routes()[key] == chosen
+    n_first = len(timed)
+    assert n_first >= 2 * 2, "the first call must time at least two candidates"
+    with qc.tracing() as calls:
+        again = quant_conv2d(x, w, b, **kw, w_bits=16, a_bits=16)
+        smaller = quant_conv2d(x[:1], w, b, **kw, w_bits=16, a_bits=16)  # batch 1: new key
+        quant_conv2d(torch.cat([x, x[:1]])[:2], w, b, **kw, w_bits=16, a_bits=16)  # batch 2 again: same key
+    assert calls[0]["route"] == chosen and calls[2]["route"] == chosen
+    ref = _ref(x, w, b, kw, 16, 16)
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(again, ref)
+    torch.testing.assert_close(smaller, _ref(x[:1], w, b, kw, 16, 16))
+    assert qc.cpu_route(x, w, w_bits=16, a_bits=16, padding=1) == chosen
+    monkeypatch.setenv(qc.AUTOTUNE_ENV, "0")
+    assert qc.cpu_route(x, w, w_bits=16, a_bits=16, padding=1) == qc.cpu_route(x, w, w_bits=16, a_bits=16,
+                                                                               padding=1, measured=False)
+    monkeypatch.setenv(qc.AUTOTUNE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="PYEFF_QUANT_CONV_AUTOTUNE must be 1"):
+        quant_conv2d(torch.randn(3, 16, 8, 8), w, padding=1, w_bits=12, a_bits=12)
 
 
 def test_cpu_route_env_forces_the_gemm_route(rng, monkeypatch):

@@ -52,8 +52,9 @@ from pyeff.ops.quant_conv.api import quant_conv2d, quant_linear
 from pyeff.ops.quant_conv.dispatch import PREFERENCE, native_ops_built
 from pyeff.ops.quant_conv.reference import (activation_levels, activation_params, fixed_range,
                                                quant_conv2d_reference, weight_levels)
-from pyeff.ops.quant_conv.routes import CPU_PATH_ENV, CPU_PATHS, ROUTES, cpu_has_int8_dot, cpu_route
+from pyeff.ops.quant_conv.routes import (AUTOTUNE_ENV, CPU_PATH_ENV, CPU_PATHS, ROUTES, autotune_enabled,
+                                         cpu_has_int8_dot, cpu_route, tracing, tuned_routes)
 from pyeff.ops.quant_conv.slicing import act_slices, digit_max, weight_digits, window_sums, zero_point_digits
 
 __all__ = ["quant_conv2d", "quant_linear", "quant_conv2d_reference", "cpu_route", "CPU_PATH_ENV", "CPU_PATHS",
-           "ROUTES", "FLOAT_DTYPES"]
+           "ROUTES", "FLOAT_DTYPES", "AUTOTUNE_ENV", "autotune_enabled", "tracing", "tuned_routes"]

@@ -65,6 +65,29 @@ def sliced_onednn(act: Activations, forms, d: weights.Digits, w_bits, stride, pa
     return acc, torch.zeros(len(acc) // groups, groups * cols, dtype=torch.float64)
 
 
+def float_conv(x, act: Activations, levels: weights.FloatLevels, bias, stride, padding, dilation, groups,
+               out_scale, relu, compute: torch.dtype) -> Tensor:
+    """The integer convolution sum (q - zp) * w_level as a float convolution: exact wherever every
+    partial sum stays an integer the float type holds (routes.float_dtype checks the bound), then
+    the scales, bias and ReLU in `compute`."""
+    q = act.digits[0].to(compute)
+    for j in range(1, act.digits.shape[0]):
+        q.add_(act.digits[j].to(compute), alpha=256 ** j)
+    q.sub_(act.zp)  # padding is then a zero activation, as in the reference
+    w = levels.levels if levels.levels.dtype == compute else levels.levels.to(compute)
+    acc = F.conv2d(q, w, None, stride, padding, dilation, groups)
+    scale = levels.scale.to(torch.float64) * act.scale
+    if out_scale is not None:
+        scale = scale * out_scale.to(torch.float64)
+    out = acc.mul_(scale.to(compute).view(1, -1, 1, 1))
+    if bias is not None:
+        out.add_(bias.to(compute).view(1, -1, 1, 1))
+    if relu:
+        out.relu_()
+    out = out.contiguous(memory_format=torch.channels_last)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def int8_gemm(act: Activations, forms, d: weights.Digits, w_bits, kernel, stride, padding, dilation, groups, M: int):
     """pyeff's im2col of the digits (u - 128, int8) and at::_int_mm per group: (accumulators,
     corrections (128 - z_j) * column sums) for the epilogue, exact in int32."""
@@ -96,7 +119,6 @@ def int8_gemm(act: Activations, forms, d: weights.Digits, w_bits, kernel, stride
 
 def run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bits, a_range, out_scale, relu,
                forms: weights.WeightForms) -> Tensor:
-    N = x.shape[0]
     K, Cg, KH, KW = weight.shape
     OH, OW = conv_out_hw(x.shape[-2:], (KH, KW), stride, padding, dilation)
     kd = Cg * KH * KW
@@ -104,22 +126,33 @@ def run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bit
         raise ValueError(f"pyeff.ops.quant_conv2d: C/groups * kh * kw = {kd} exceeds {_MAX_KD}, where int32 "
                          "accumulation of int8 slices could overflow; use backend='reference'")
     act = quantize(x, a_bits, a_range)
-    conv = (stride, padding, dilation, groups)
-    d = None
-    if x.device.type == "cpu":
-        def l1max():
-            nonlocal d
-            d = weights.digits(forms, weight, w_bits, groups)
-            return d.l1max
-        route = routes.choose(x.dtype, w_bits, a_bits, act.zp, act.qmax, l1max,
+    args = (x, act, forms, weight, bias, stride, padding, dilation, groups, w_bits, out_scale, relu, (OH, OW))
+    if x.device.type != "cpu":
+        return run_route("gemm", *args)
+    cands = routes.candidates(x.dtype, w_bits, a_bits, act.zp, act.qmax,
+                              lambda: weights.digits(forms, weight, w_bits, groups).l1max,
                               routes.onednn_geometry_ok(x.shape[-2:], (KH, KW), stride, padding, dilation, (OH, OW)),
                               routes.sliced_ok(Cg, stride))
-    else:
-        route = "gemm"
+    route, out = routes.pick(cands, routes.tune_key(x, weight, stride, padding, dilation, groups, w_bits, a_bits),
+                             lambda r: run_route(r, *args))
+    routes.record(x, weight, groups, w_bits, a_bits, route)
+    return out if out is not None else run_route(route, *args)
+
+
+def run_route(route, x, act, forms, weight, bias, stride, padding, dilation, groups, w_bits, out_scale, relu,
+              out_hw) -> Tensor:
+    """quant_conv2d's output through one route, from the quantised activations `act`."""
+    conv = (stride, padding, dilation, groups)
+    if route == "float":
+        lv = weights.float_levels(forms, weight, w_bits, torch.float32)
+        compute = routes.float_dtype(x.dtype, max(act.zp, act.qmax - act.zp), lv.l1max)
+        if compute != torch.float32:
+            lv = weights.float_levels(forms, weight, w_bits, compute)
+        return float_conv(x, act, lv, bias, *conv, out_scale, relu, compute)
     if route == "direct":
         return direct_onednn(x, act, forms, weight, bias, *conv, w_bits, out_scale, relu)
-    if d is None:
-        d = weights.digits(forms, weight, w_bits, groups)
+    N, (K, _, KH, KW), (OH, OW) = x.shape[0], weight.shape, out_hw
+    d = weights.digits(forms, weight, w_bits, groups)
     M = N * OH * OW
     if route == "sliced":
         acc, corr = sliced_onednn(act, forms, d, w_bits, *conv, M)

@@ -6,12 +6,22 @@
             pyeff's epilogue; needs every slice accumulator below 2^24, exact in oneDNN's float32
             output (checked from the weights' L1 norms and the zero-point digits);
   "gemm":   pyeff's im2col of the digits, at::_int_mm (int32 accumulation) and epilogue: exact in
-            float64 for every width; the only route without VNNI/AMX (where oneDNN halves int8
-            weights to dodge 16-bit saturation, which is not exact) or oneDNN.
-CPU_PATH_ENV=gemm forces the last (tests, benchmarks); auto and onednn let the rules decide.
+            float64 for every width; with "float", the only routes without VNNI/AMX (where oneDNN
+            halves int8 weights to dodge 16-bit saturation, which is not exact) or oneDNN;
+  "float":  the integer convolution sum (q - zp) * w_level as a float convolution (F.conv2d) on
+            integer-valued tensors: exact in float32 while every partial sum stays below 2^24, else
+            in float64 (below 2^53: always, for 16-bit operands). Fast where oneDNN's int8 kernels
+            are weak: depthwise, tiny planes, wide operands.
+`candidates` lists the routes that are exact for the operands (oneDNN's only where its geometry is
+safe). Which one runs is measured (`pick`): the first call of a shape times each candidate and
+keeps the fastest for that shape in this process (PYEFF_QUANT_CONV_AUTOTUNE=0: the first candidate,
+the fixed rules). PYEFF_QUANT_CONV_CPU_PATH=direct|sliced|gemm|float forces a route where it is
+exact (tests, benchmarks); auto and onednn leave the choice to the measurement. `tracing()` shows
+which route each call took.
 """
 import functools
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,8 +33,8 @@ from pyeff.ops.quant_conv.slicing import act_slices, digit_max, zero_point_digit
 from pyeff.ops.quant_conv.weights import WeightForms, digits
 
 CPU_PATH_ENV = "PYEFF_QUANT_CONV_CPU_PATH"
-CPU_PATHS = ("auto", "onednn", "gemm")
-ROUTES = ("direct", "sliced", "gemm")
+CPU_PATHS = ("auto", "onednn", "direct", "sliced", "gemm", "float")
+ROUTES = ("direct", "sliced", "gemm", "float")
 _EXACT_F32 = 1 << 24  # integers below this are exact in float32
 
 
@@ -48,12 +58,24 @@ def onednn_available() -> bool:
         and torch.backends.mkldnn.is_available()
 
 
-def _onednn_allowed() -> bool:
+def _forced() -> str:
     forced = os.environ.get(CPU_PATH_ENV, "auto").lower()
     if forced not in CPU_PATHS:
         raise ValueError(f"pyeff.ops.quant_conv2d: {CPU_PATH_ENV} must be one of {', '.join(CPU_PATHS)}, "
                          f"got {forced!r}")
-    return forced != "gemm" and cpu_has_int8_dot() and onednn_available()
+    return forced
+
+
+def _onednn_allowed() -> bool:
+    return _forced() not in ("gemm", "float") and cpu_has_int8_dot() and onednn_available()
+
+
+def float_dtype(x_dtype: torch.dtype, amax: int, l1max: int) -> torch.dtype:
+    """The float type in which the float route's convolution is exact: every partial sum is an
+    integer of magnitude <= amax * l1max (activation range times the largest filter L1 norm of the
+    weight levels); float32 holds integers below 2^24 exactly, float64 below 2^53 (always, for
+    16-bit operands and reductions of up to 2^17)."""
+    return torch.float32 if x_dtype != torch.float64 and amax * l1max < _EXACT_F32 else torch.float64
 
 
 def _single_slice(x_dtype: torch.dtype, w_bits: int, a_bits: int) -> bool:
@@ -97,37 +119,147 @@ def sliced_ok(channels_per_group: int, stride) -> bool:
     return not (channels_per_group == 1 and stride[1] > 1)
 
 
-def choose(x_dtype: torch.dtype, w_bits: int, a_bits: int, zp: int, qmax: int, l1max,
-           geometry_ok: bool = True, slices_ok: bool = True) -> str:
-    """The route for these operands. `l1max()`: the weights' largest stacked-filter L1 norm, asked
-    only when the sliced route is in question (it needs the digit pack). `geometry_ok`:
-    onednn_geometry_ok of the convolution; `slices_ok`: sliced_ok."""
-    if not geometry_ok or not _onednn_allowed():
-        return "gemm"
-    if _single_slice(x_dtype, w_bits, a_bits):
-        return "direct"
-    if not slices_ok:
-        return "gemm"
-    amax = max(max(z, digit_max(qmax, j) - z) for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
-    return "sliced" if amax * l1max() < _EXACT_F32 else "gemm"
+def candidates(x_dtype: torch.dtype, w_bits: int, a_bits: int, zp: int, qmax: int, l1max,
+               geometry_ok: bool = True, slices_ok: bool = True) -> list:
+    """The routes that are exact for these operands, fastest-first by the fixed rules. `l1max()`:
+    the weights' largest stacked-filter L1 norm, asked only when the sliced route is in question
+    (it needs the digit pack). `geometry_ok`: onednn_geometry_ok of the convolution; `slices_ok`:
+    sliced_ok. gemm and float are exact everywhere."""
+    out = []
+    if geometry_ok and _onednn_allowed():
+        if _single_slice(x_dtype, w_bits, a_bits):
+            out.append("direct")
+        elif slices_ok:
+            amax = max(max(z, digit_max(qmax, j) - z)
+                       for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
+            if amax * l1max() < _EXACT_F32:
+                out.append("sliced")
+    return out + ["gemm", "float"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the measured choice: the first call of a shape times every exact route and keeps the fastest
+
+AUTOTUNE_ENV = "PYEFF_QUANT_CONV_AUTOTUNE"
+_TUNED: dict = {}
+_TUNE_RUNS = 2  # timed runs per candidate after its first (untimed: builds the weight forms)
+
+
+def autotune_enabled() -> bool:
+    v = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    if v not in ("0", "1", "off", "on", "false", "true"):
+        raise ValueError(f"pyeff.ops.quant_conv2d: {AUTOTUNE_ENV} must be 1 (default) or 0, got {v!r}")
+    return v in ("1", "on", "true")
+
+
+def tune_key(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, w_bits: int, a_bits: int) -> tuple:
+    """What the fastest route depends on: the batch (rounded up to a power of two, so that the
+    varying group sizes of a dynamic network share entries), the input's other sizes and layout,
+    the convolution, the widths, the dtype and the thread count."""
+    n = max(1, x.shape[0])
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return (1 << (n - 1).bit_length(), tuple(x.shape[1:]), cl, tuple(weight.shape), tuple(stride), tuple(padding),
+            tuple(dilation), groups, w_bits, a_bits, x.dtype, torch.get_num_threads())
+
+
+def pick(cands: list, key: tuple, run) -> tuple:
+    """(route, output or None): CPU_PATH_ENV's route where it is a candidate; else the tuned
+    route of `key`; else, with autotuning on (the default) and more than one candidate, each
+    candidate is run (`run(route)`) once to build its weight forms and _TUNE_RUNS times timed,
+    the fastest is kept for `key`, and its last output is returned (no extra call). Every
+    candidate is exact, so the choice changes the time, never the result beyond the rounding
+    the op's docs allow. With autotuning off: the first candidate (the fixed rules)."""
+    forced = _forced()
+    if forced in cands:
+        return forced, None
+    tuned = _TUNED.get(key)
+    if tuned in cands:
+        return tuned, None
+    if len(cands) == 1 or not autotune_enabled():
+        return cands[0], None
+    best = None
+    for r in cands:
+        run(r)
+        for _ in range(_TUNE_RUNS):
+            t0 = time.perf_counter()
+            out = run(r)
+            dt = time.perf_counter() - t0
+            if best is None or dt < best[1]:
+                best = (r, dt, out)
+    _TUNED[key] = best[0]
+    return best[0], best[2]
+
+
+def tuned_routes() -> dict:
+    """{tune_key: route} of the shapes measured so far in this process."""
+    return dict(_TUNED)
+
+
+def clear_tuned() -> None:
+    _TUNED.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# which route ran: routes.tracing() collects one record per native CPU call
+
+_TRACE = None
+
+
+class tracing:
+    """Context manager: `with tracing() as calls:` appends one dict per native CPU quant_conv2d /
+    quant_linear call made inside (input shape, weight shape, groups, bits, dtype, layout, route)."""
+
+    def __enter__(self):
+        global _TRACE
+        self._outer, _TRACE = _TRACE, []
+        return _TRACE
+
+    def __exit__(self, *exc):
+        global _TRACE
+        _TRACE = self._outer
+        return False
+
+
+def record(x: Tensor, weight: Tensor, groups: int, w_bits: int, a_bits: int, route: str) -> None:
+    if _TRACE is not None:
+        _TRACE.append({"x": tuple(x.shape), "weight": tuple(weight.shape), "groups": groups, "w_bits": w_bits,
+                       "a_bits": a_bits, "dtype": str(x.dtype).replace("torch.", ""),
+                       "channels_last": x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                       and not x.is_contiguous(), "route": route})
 
 
 def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, groups: int = 1, a_range=None,
-              stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> str:
-    """The route ("direct", "sliced" or "gemm") that quant_conv2d's native CPU backend takes for
-    these operands (quant_linear: a [out, in] weight), under the current CPU_PATH_ENV. The native
-    CUDA backend always takes "gemm"."""
+              stride=(1, 1), padding=(0, 0), dilation=(1, 1), measured: bool = True) -> str:
+    """The route ("direct", "sliced", "gemm" or "float") that quant_conv2d's native CPU backend
+    takes for these operands (quant_linear: a [out, in] weight) under the current CPU_PATH_ENV and
+    AUTOTUNE_ENV. Where the choice is measured and this shape has not been measured yet, this
+    makes that first call (on x and weight) and reports what it chose; `measured=False` gives the
+    fixed rules' route instead (what AUTOTUNE_ENV=0 takes). The native CUDA backend always takes
+    "gemm"."""
     if x.device.type != "cpu":
         return "gemm"
     if weight.dim() == 2:
         weight = weight[:, :, None, None]
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     _, _, zp, qmax = activation_params(x, a_bits, None if a_range is None else fixed_range(a_range))
-    return choose(x.dtype, w_bits, a_bits, int(zp.item()), qmax,
-                  lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max,
-                  onednn_geometry_ok(x.shape[-2:], weight.shape[-2:], _pair(stride), _pair(padding), _pair(dilation),
-                                     conv_out_hw(x.shape[-2:], weight.shape[-2:], _pair(stride), _pair(padding),
-                                                 _pair(dilation))),
-                  sliced_ok(weight.shape[1], _pair(stride)))
+    key = tune_key(x, weight, stride, padding, dilation, groups, w_bits, a_bits)
+    cands = candidates(x.dtype, w_bits, a_bits, int(zp.item()), qmax,
+                       lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max,
+                       onednn_geometry_ok(x.shape[-2:], weight.shape[-2:], stride, padding, dilation,
+                                          conv_out_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)),
+                       sliced_ok(weight.shape[1], stride))
+    if _forced() in cands:
+        return _forced()
+    if not measured or len(cands) == 1 or not autotune_enabled():
+        return cands[0]
+    if _TUNED.get(key) in cands:
+        return _TUNED[key]
+    from pyeff.ops.quant_conv.api import quant_conv2d
+
+    with tracing() as calls:
+        quant_conv2d(x, weight, None, stride, padding, dilation, groups, w_bits=w_bits, a_bits=a_bits,
+                     a_range=a_range, backend="native")
+    return calls[-1]["route"]
 
 
 def _pair(v):

@@ -43,6 +43,22 @@ def digits(forms: WeightForms, weight: Tensor, w_bits: int, groups: int) -> Digi
     return forms.get(("quant_conv-digits", w_bits, groups), build)
 
 
+class FloatLevels(NamedTuple):
+    levels: Tensor  # the integer weight levels [K, Cg, kh, kw] as float32 or float64 (exact)
+    scale: Tensor  # [K] per-output-channel weight scale
+    l1max: int  # largest L1 norm of a filter's levels: |accumulator| <= activation range * l1max
+
+
+def float_levels(forms: WeightForms, weight: Tensor, w_bits: int, dtype: torch.dtype) -> FloatLevels:
+    """The weight levels as floats, for the float route's exact integer-valued convolution."""
+    def build():
+        wq, wscale = weight_levels(weight, w_bits)
+        l1 = wq.abs().flatten(1).sum(1)
+        return FloatLevels(wq.to(dtype).contiguous(memory_format=torch.channels_last), wscale,
+                           int(l1.max()) if l1.numel() else 0)
+    return forms.get(("quant_conv-float", w_bits, dtype), build)
+
+
 def gemm_operands(forms: WeightForms, d: Digits, w_bits: int, groups: int, k_pad: int, col_pad: int):
     """Per-group int8 GEMM operands [k_pad, col_pad] with rows in the im2col order (kh, kw, c),
     and the exact column sums [G * cols] (int64) for the 128-offset of the im2col columns."""
