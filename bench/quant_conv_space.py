@@ -38,6 +38,16 @@ BITS = (4, 8, 12, 16)
 ROUTE_NAMES = ("direct", "sliced", "gemm", "float")
 
 
+def _targets(row: dict, name: str, C: int, groups: int) -> str:
+    """The issue's targets that apply to this row, each 'met' or 'MISSED': at most 3x F.conv2d
+    everywhere; 8/8 faster than F.conv2d on dense and 1x1 convs with >= 16 channels."""
+    ratio = row["auto / F.conv2d"]
+    out = [f"<= 3x F.conv2d: {'met' if ratio <= 3 else 'MISSED'}"]
+    if row["bits"] == 8 and groups == 1 and C >= 16 and name.startswith(("dense", "1x1")):
+        out.append(f"8/8 faster than F.conv2d: {'met' if ratio < 1 else 'MISSED'}")
+    return "; ".join(out)
+
+
 def _route_fn(x, w, kw, bits, packs, route):
     """A closure running quant_conv2d with `route` forced, and the route that actually ran (a route
     the operands cannot take exactly falls back to the automatic choice)."""
@@ -98,10 +108,13 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
                         row[f"{r} ms"] = 1e3 * t[r] if r in t else "-"
                     row.update({"auto": ran["auto"], "auto ms": 1e3 * t["auto"], "fastest": best,
                                 "auto / F.conv2d": t["auto"] / t["F.conv2d"], "auto / fastest": t["auto"] / t[best]})
+                    row["targets"] = _targets(row, name, C, g)
                     rows.append(row)
                     print(row, flush=True)
     columns = ["class", "N", "C->K", "plane", "layout", "bits", "F.conv2d ms"] + [f"{r} ms" for r in ROUTE_NAMES] \
-        + ["auto", "auto ms", "fastest", "auto / F.conv2d", "auto / fastest"]
+        + ["auto", "auto ms", "fastest", "auto / F.conv2d", "auto / fastest", "targets"]
+    missed = [r for r in rows if "MISSED" in r["targets"]]
+    print(f"targets missed in {len(missed)} of {len(rows)} rows", flush=True)
     harness.write_results(
         "quant_conv_space", "quant_conv2d across the shape space (CPU)", rows, columns,
         {"device": device, "baseline": "F.conv2d (float32) on the same input and layout",
@@ -110,7 +123,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
         notes="A route column is '-' where that route is not exact for the operands (direct: both operands <= 8 "
               "bits; sliced: every slice accumulator below 2^24; both: no oneDNN-unsafe geometry). 'auto' is the "
               "route the native backend chose and its time; auto / F.conv2d > 1 means slower than the float "
-              "convolution. Weights and activations take the same bit width.")
+              f"convolution. Weights and activations take the same bit width. Targets missed in {len(missed)} of "
+              f"{len(rows)} rows.")
     return rows
 
 

@@ -18,7 +18,7 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run bench
 def _own_baseline_cache(tmp_path, monkeypatch):
     """Each test its own float-baseline cache (pyeff.train.baseline_cache): nothing written to the
     user's cache, and no test sees another's entries."""
-    monkeypatch.setenv("PYEFF_CACHE_DIR", str(tmp_path / "pyeff-cache"))
+    monkeypatch.setenv("PYEFF_BASELINE_CACHE", str(tmp_path / "baselines"))
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def test_damaged_entry_is_rebuilt(tmp_path, trainings, damage, capsys):
 
 
 def test_cache_off(tmp_path, trainings, monkeypatch):
-    monkeypatch.setenv("PYEFF_CACHE_DIR", "off")
+    monkeypatch.setenv("PYEFF_BASELINE_CACHE", "off")
     assert baseline_cache.cache_dir() is None
     phase1(tmp_path)
     phase1(tmp_path)
@@ -112,7 +112,7 @@ def test_cache_off(tmp_path, trainings, monkeypatch):
     assert len(trainings) == 3
 
 
-def test_default_location_follows_xdg(monkeypatch, tmp_path):
-    monkeypatch.delenv("PYEFF_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert baseline_cache.cache_dir() == os.path.join(str(tmp_path / "xdg"), "pyeff", "baselines")
+def test_default_location_is_beside_the_data_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("PYEFF_BASELINE_CACHE")
+    monkeypatch.setenv("PYEFF_CACHE", str(tmp_path / "c"))
+    assert baseline_cache.cache_dir() == os.path.join(str(tmp_path / "c"), "baselines")

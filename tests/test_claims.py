@@ -3,16 +3,19 @@ rules (docs/reproduce.md): each verdict flips when the numbers it rests on do.""
 import pytest
 
 from pyeff.ddi.experiment import MASKS, _claims as ddi_claims
-from pyeff.dfs.experiment import _claims as dfs_claims
+from pyeff.dfs.experiment import HW, _claims as dfs_claims
 
 
 def dfs_rows(dfs_acc=(94.0, 94.3, 94.4), skip_acc=(60.0, 80.0, 90.0), static_acc=(93.0, 94.0, 94.2),
-             dfs_comp=(14.0, 26.0, 49.0), speed=1.3):
+             dfs_comp=(14.0, 26.0, 49.0), speed=1.3, hw_speed=1.5):
     rows = [{"method": "dense float", "bits": "32", "target %": "", "computation %": 100.0, "accuracy %": 94.5,
              "speed-up": 1.0, "speed-up vs best dense": 0.7}]
     for t, c, a in zip((15, 25, 50), dfs_comp, dfs_acc):
         rows.append({"method": "DFS", "bits": "0,8,32", "target %": t, "computation %": c, "accuracy %": a,
                      "speed-up": 2 * speed, "speed-up vs best dense": speed})
+    for t in (15, 25, 50):
+        rows.append({"method": HW, "bits": "0,8,32", "target %": t, "computation %": t, "accuracy %": 94.0,
+                     "speed-up": 2 * hw_speed, "speed-up vs best dense": hw_speed})
     for t, a in zip((15, 25, 50), skip_acc):
         rows.append({"method": "skip-only", "bits": "0,32", "target %": t, "computation %": t + 0.5, "accuracy %": a,
                      "speed-up": 3.0, "speed-up vs best dense": 2.0})
@@ -28,8 +31,9 @@ def verdicts(claims):
 
 def test_dfs_claims_hold_and_fail_with_the_numbers():
     good = dfs_claims(dfs_rows(), 94.5)
-    assert [c["claim"].split()[0] for c in good] == ["DFS", "DFS", "DFS", "pyeff:"]
-    assert verdicts(good) == [True, True, True, True]
+    assert [c["claim"].split()[0] for c in good] == ["DFS", "DFS", "DFS", "pyeff:", "pyeff:"]
+    assert "hardware-aligned" in good[3]["claim"] and "paper's bits" in good[4]["claim"]
+    assert verdicts(good) == [True, True, True, True, True]
     # below skip-only at one level
     assert dfs_claims(dfs_rows(skip_acc=(60.0, 95.0, 90.0)), 94.5)[0]["holds"] is False
     # more than 1.5 points below dense at ~25%
@@ -39,8 +43,9 @@ def test_dfs_claims_hold_and_fail_with_the_numbers():
     # below static 12-bit at equal cost (the 14% point against 12 bits at 14.06%)
     assert dfs_claims(dfs_rows(static_acc=(93.0, 94.5, 94.2)), 94.5)[2]["holds"] is False
     # slower than the best dense
-    assert dfs_claims(dfs_rows(speed=0.9), 94.5)[3]["holds"] is False
-    assert "0.90x vs the best dense" in dfs_claims(dfs_rows(speed=0.9), 94.5)[3]["measured"]
+    assert verdicts(dfs_claims(dfs_rows(speed=0.9), 94.5))[3:] == [True, False]
+    assert verdicts(dfs_claims(dfs_rows(hw_speed=0.9), 94.5))[3:] == [False, True]
+    assert "0.90x vs the best dense" in dfs_claims(dfs_rows(speed=0.9), 94.5)[4]["measured"]
 
 
 def ddi_rows(ddi=((24.0, 94.0), (49.0, 94.4)), layer=((25.0, 91.0), (50.0, 93.0)), prune=((25.5, 93.0), (51.0, 94.0)),

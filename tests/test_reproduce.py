@@ -5,7 +5,8 @@ import os
 import pytest
 
 import pyeff.experiments as ex
-from pyeff.experiments import claim, markdown_table, register_experiment, run_experiments
+from pyeff.ddi.experiment import RECIPES
+from pyeff.experiments import claim, markdown_table, register_experiment, rerender, run_experiments
 
 
 @pytest.fixture
@@ -92,6 +93,28 @@ def test_full_mode_report_is_not_labelled_a_smoke_test(tmp_path, registry):
 
     md = open(run_experiments(["toy3"], str(tmp_path), quick=False)["report"]).read()
     assert "mode: **full**" in md and "Smoke test" not in md
+
+
+def test_claims_rule_runs_after_the_experiment_and_again_on_rerender(tmp_path, registry):
+    def rule(result):
+        v = result["summary"]["v"]
+        return [claim("v above 1", "paper: 2", f"{v}", v > 1)]
+
+    @register_experiment("toy4", "claims from a rule", claims=rule)
+    def toy4(out_dir, quick, data_dir=None, seed=0):
+        return {"summary": {"v": 3}}
+
+    res = run_experiments(["toy4"], str(tmp_path), command="pyeff reproduce toy4")
+    md = open(res["report"]).read()
+    assert "| v above 1 | paper: 2 | 3 | **yes** |" in md and "Re-rendered" not in md
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["command"] == "pyeff reproduce toy4" and saved["experiments"]["toy4"]["claims"][0]["holds"]
+    saved["experiments"]["toy4"]["summary"]["v"] = 0  # as if the rule had judged other numbers
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    md = open(rerender(str(tmp_path))).read()
+    assert "| v above 1 | paper: 2 | 0 | **no** |" in md and "Re-rendered" in md and "pyeff reproduce toy4" in md
+    with pytest.raises(ValueError, match="not a results.json"):
+        rerender(str(tmp_path / "nowhere"))
 
 
 def test_overrides_are_checked(tmp_path, registry):
@@ -193,10 +216,15 @@ def test_method_reports_link_images_relative_to_the_report(tmp_path, monkeypatch
     runs = {"baseline": dict(dataset="digits", epochs=1, train_subset=96, test_subset=48, batch_size=32,
                              latency_batch=4, latency_time=0.01, device="cpu"),
             "dfs": dict(tiny, base_epochs=1, bits=(0, 8, 32), targets=(25,), skip_targets=(25,), static_bits=(8,)),
+            "ddi-recipes": dict(dataset="digits", train_subset=96, test_subset=48, batch_size=32, base_epochs=1,
+                                ddi_epochs=1, only=[0, 2]),
             "ddi": dict(tiny, base_epochs=1, ddi_epochs=1, targets=(40,), layer_targets=(40,), width_targets=(40,),
                         prune_targets=(40,), budgets=(1.0,))}
     for name, overrides in runs.items():
         res = run_experiments([name], os.path.join("runs", name), quick=True, overrides=overrides)
         assert not res["failed"], res["results"][name].get("traceback")
         assert res["report"] == os.path.join("runs", name, "report.md")
-        assert_images_resolve(tmp_path / res["report"])
+        if name == "ddi-recipes":  # a table, no plot: the two recipes asked for, each measured
+            assert [r["recipe"] for r in res["results"][name]["table"]] == [list(RECIPES)[0], list(RECIPES)[2]]
+        else:
+            assert_images_resolve(tmp_path / res["report"])

@@ -14,21 +14,28 @@ from pyeff.experiments import register_experiment
 
 QUICK = dict(model="resnet20", train_subset=6000, test_subset=1000, batch_size=64, base_epochs=4,
              base_lr=0.05, gate_epochs=1, dfs_epochs=1, dfs_lr=0.02, train_mode="routed",
-             targets=(10, 25, 50, 75), skip_targets=(25, 50), static_bits=(8, 12, 16))
+             targets=(10, 25, 50, 75), skip_targets=(25, 50), hw_targets=(25,), static_bits=(8, 12, 16))
 # The evidence preset (docs/reproduce.md): the float ResNet-20 trained close to convergence on all of
 # shapes (15 epochs, ~95%; shared with ddi through the baseline cache), then 4 epochs of DFS per
-# point. ResNet-38, the paper's network, does not fit the hour on 2 cores: measured there, it trains
+# point. Static 8-bit quantisation is lossless on shapes (measured 94.6% at 6.25% computation against
+# 94.6% dense), so DFS is also asked for 5%, below the cheapest 8-bit network, where it must skip. ResNet-38, the paper's network, does not fit the hour on 2 cores: measured there, it trains
 # at ~300 images/s dense and ~260 DFS-routed against ~520 and ~480 for ResNet-20, so its baseline
 # and six DFS / skip-only runs alone take ~55 min. All-paths training (the paper's) runs at ~75
 # images/s (ResNet-20): routed training is the default, all-paths is tried in docs/reports/dfs.
 FULL = dict(model="resnet20", train_subset=None, test_subset=None, batch_size=128, base_epochs=15,
             base_lr=0.1, gate_epochs=1, dfs_epochs=4, dfs_lr=0.02, train_mode="routed",
-            targets=(15, 25, 50), skip_targets=(15, 25, 50), static_bits=(8, 12, 16))
+            targets=(5, 15, 25, 50), skip_targets=(15, 25, 50), hw_targets=(5, 15, 25), static_bits=(4, 8, 12, 16))
+# The paper's bit set prices a b-bit block at (b/32)^2, but a CPU has no 10-16-bit arithmetic cheaper
+# than float32 (those widths run as int8 slices or a float64 convolution): the hardware-aligned set
+# (skip / int8 / float32) is the one whose saving can be wall-clock, measured beside the paper's.
+HW = "DFS skip/8/32"
 
 
 @register_experiment("dfs", "DFS (dynamic fractional skipping) on shapes: accuracy vs computation against "
-                            "skip-only gating and static quantisation, with measured wall-clock per image")
+                            "skip-only gating and static quantisation, with measured wall-clock per image",
+                     claims=lambda result: claims_of(result))
 def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 10, 12, 14, 16, 32),
+        hw_bits=(0, 8, 32),
         beta=None, time_per_point=None, threads=None, base_checkpoint=None, compile_dense=True,
         **overrides) -> dict:
     import torch
@@ -43,7 +50,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
     P = dict(QUICK if quick else FULL)
     unknown = sorted(set(overrides) - set(P))
     if unknown:
-        raise ValueError(f"unknown overrides {unknown}; known: {sorted(P)} plus bits, beta, dataset")
+        raise ValueError(f"unknown overrides {unknown}; known: {sorted(P)} plus bits, hw_bits, beta, dataset")
     P.update(overrides)
     beta = DEFAULT_BETA if beta is None else beta
     time_per_point = time_per_point or (0.5 if quick else 2.0)
@@ -86,7 +93,8 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
 
     calib = list(calibration_batches(train_set, P["batch_size"], 4, seed))
     all_stats = {}
-    for method, bset, targets in (("DFS", tuple(bits), P["targets"]), ("skip-only", (0, 32), P["skip_targets"])):
+    for method, bset, targets in (("DFS", tuple(bits), P["targets"]), (HW, tuple(hw_bits), P["hw_targets"]),
+                                  ("skip-only", (0, 32), P["skip_targets"])):
         net0 = convert(base, bits=bset, train_mode=P["train_mode"])
         net0.calibrate(calib)
         # phase 2, once per bit set: the frozen float network, the gate toward full execution
@@ -131,29 +139,31 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", bits=(0, 8, 
              "the fastest deployment of the dense network (NCHW, channels_last, BN folded, torch.compile), "
              "measured once. Static quantisation is post-training (the shared float "
              "network, activation ranges calibrated on 4 training batches), not quantisation-aware training.")
-    return {"claims": _claims(rows, dense_acc), "summary": summary, "table": rows, "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
+    return {"summary": summary, "table": rows, "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
             "decision_stats": all_stats, "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items()}}
 
 
+def claims_of(result: dict) -> list:
+    """The paper's claims against a dfs result's rows (see docs/reproduce.md for how each is judged)."""
+    rows = result["table"]
+    return _claims(rows, rows[0]["accuracy %"])
+
+
 def _claims(rows, dense_acc) -> list:
-    """The paper's claims against this run's rows (see docs/reproduce.md for how each is judged)."""
-    from pyeff.experiments import claim
+    from pyeff.experiments import beats_everywhere, claim, equal_cost_comparison, equal_cost_text
 
     dfs = sorted((r for r in rows if r["method"] == "DFS"), key=lambda r: r["computation %"])
     skip = [r for r in rows if r["method"] == "skip-only"]
     static = sorted((r for r in rows if r["method"] == "static quant"), key=lambda r: r["computation %"])
     out = []
-    # 1. above skip-only gating at equal computation: pairs of the same target, DFS spending at most
-    #    as much (10% slack on the reached level, which the hinge holds only approximately)
-    pairs = [(d, k) for d in dfs for k in skip if k["target %"] == d["target %"]]
-    fair = [(d, k) for d, k in pairs if d["computation %"] <= 1.1 * k["computation %"] + 1]
-    text = "; ".join(f"{d['computation %']:.0f}%: {d['accuracy %']:.1f} vs {k['accuracy %']:.1f} "
-                     f"(skip-only at {k['computation %']:.0f}%)" for d, k in pairs)
+    # 1. above skip-only gating at equal computation: every skip-only point matched by a DFS point
+    #    that spends at most as much (10% + 1 point of slack: the hinge reaches a target only
+    #    approximately) with at least its accuracy, and no skip-only point above a DFS point there
+    slack = lambda c: 1.1 * c + 1  # noqa: E731
     out.append(claim("DFS beats skip-only (SkipNet-style) gating at equal computation, at every level",
                      "Fig. 6: DFS-ResNet74 above SkipNet-74 at every computation % (CIFAR-10)",
-                     text or "no matched points",
-                     bool(fair) and len(fair) == len(pairs) and all(d["accuracy %"] > k["accuracy %"]
-                                                                   for d, k in fair)))
+                     equal_cost_text(dfs, skip, "computation %", slack, ("DFS", "skip-only")),
+                     beats_everywhere(dfs, skip, "computation %", slack)))
     # 2. near-dense accuracy at about a quarter of the computation
     near = min(dfs, key=lambda r: abs(r["computation %"] - 25), default=None)
     if near is not None:
@@ -162,26 +172,26 @@ def _claims(rows, dense_acc) -> list:
                          "Fig. 6: DFS-ResNet38 near the full-precision accuracy at a quarter of the cost",
                          f"{near['accuracy %']:.1f}% at {near['computation %']:.0f}% vs dense {dense_acc:.1f}% "
                          f"({gap:+.1f} points below)", abs(near["computation %"] - 25) <= 5 and gap <= 1.5))
-    # 3. above static uniform quantisation at equal cost: each DFS point against the cheapest static
-    #    point that spends at least as much
-    cmp = []
-    for d in dfs:
-        s = next((q for q in static if q["computation %"] >= d["computation %"] - 1), None)
-        if s is not None:
-            cmp.append((d, s))
+    # 3. above static uniform quantisation at equal cost: no static point above a DFS point that
+    #    spends as much, and each static point DFS reaches matched by a DFS point
+    reach = [q for q in static if q["computation %"] >= min((d["computation %"] for d in dfs), default=0) - 1]
+    wins, losses = equal_cost_comparison(dfs, static, "computation %", slack)
     out.append(claim("DFS beats static quantisation at equal cost",
                      "Fig. 6: DFS-ResNet38 above uniform 8-16 bit quantisation at equal bit-product cost",
-                     "; ".join(f"{d['accuracy %']:.1f} at {d['computation %']:.0f}% vs {s['bits']}-bit "
-                               f"{s['accuracy %']:.1f} at {s['computation %']:.0f}%" for d, s in cmp)
-                     or "no static point spends as much", bool(cmp) and all(d["accuracy %"] >= s["accuracy %"]
-                                                                            for d, s in cmp)))
+                     equal_cost_text(dfs, static, "computation %", slack, ("DFS", "static"), label="bits"),
+                     bool(reach) and not losses and all(any(t is q for _, t in wins) for q in reach)))
     # 4. beyond the paper: the saving is wall-clock, against the best deployment of the dense model
-    if near is not None:
-        out.append(claim("pyeff: the computation saving is measured wall-clock (DFS at ~25% faster than the "
-                         "best deployed dense network)",
-                         "not measured (the reference code computes every path: ~6x slower than dense)",
-                         f"{near['speed-up vs best dense']:.2f}x vs the best dense, {near['speed-up']:.2f}x vs "
-                         "eager NCHW", near["speed-up vs best dense"] > 1))
+    hw = [r for r in rows if r["method"] == HW]
+    for label, pts in (("the hardware-aligned bits (skip / 8 / 32)", hw), ("the paper's bits", dfs)):
+        q = min(pts, key=lambda r: abs(r["computation %"] - 25), default=None)
+        if q is None:
+            continue
+        out.append(claim(f"pyeff: DFS with {label} at ~25% computation runs faster than the best deployed "
+                         "dense network", "not measured (the reference code computes every path: ~6x slower "
+                         "than dense)",
+                         f"{q['speed-up vs best dense']:.2f}x vs the best dense, {q['speed-up']:.2f}x vs eager NCHW "
+                         f"(at {q['computation %']:.0f}%, accuracy {q['accuracy %']:.1f}%)",
+                         q["speed-up vs best dense"] > 1))
     return out
 
 
@@ -191,7 +201,7 @@ def _plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, style in (("DFS", "o-"), ("skip-only", "s--"), ("static quant", "^:")):
+    for method, style in (("DFS", "o-"), (HW, "D-"), ("skip-only", "s--"), ("static quant", "^:")):
         pts = sorted((r["computation %"], r["accuracy %"], r["speed-up"]) for r in rows if r["method"] == method)
         if not pts:
             continue

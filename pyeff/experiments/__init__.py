@@ -38,7 +38,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 # Modules that register experiments when imported, in report order. Method packages may also
 # just provide pyeff/<package>/experiment.py, found by discover().
@@ -51,6 +51,7 @@ class Experiment:
     description: str
     fn: Callable
     module: str
+    claims: Optional[Callable] = None  # claims(result) -> the claim rows, from the result alone
 
 
 _REGISTRY: dict[str, Experiment] = {}
@@ -58,8 +59,11 @@ _LOAD_ERRORS: dict[str, str] = {}
 _DISCOVERED = False
 
 
-def register_experiment(name: str, description: str):
-    """Decorator: register `fn(out_dir, quick, data_dir=None, seed=0, **overrides) -> dict`."""
+def register_experiment(name: str, description: str, claims: Optional[Callable] = None):
+    """Decorator: register `fn(out_dir, quick, data_dir=None, seed=0, **overrides) -> dict`.
+    `claims(result) -> [claim(...), ...]` judges the paper's claims from a result alone: run after
+    the experiment (filling result["claims"]) and again by `rerender`, so that a report follows a
+    corrected rule without rerunning the experiment."""
     if not name or any(c.isspace() for c in name):
         raise ValueError(f"experiment names must be non-empty without spaces, got {name!r}")
 
@@ -67,7 +71,7 @@ def register_experiment(name: str, description: str):
         old = _REGISTRY.get(name)
         if old is not None and (old.module, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"experiment {name!r} is already registered by {old.module}")
-        _REGISTRY[name] = Experiment(name, description, fn, fn.__module__)
+        _REGISTRY[name] = Experiment(name, description, fn, fn.__module__, claims)
         return fn
 
     return deco
@@ -139,6 +143,41 @@ def claim(text: str, paper: str, measured: str, holds) -> dict:
     """One row of a report's claim table: the paper's claim (briefly), the paper's own figure, the
     measured counterpart, and whether it holds here (None: not testable in this run)."""
     return {"claim": text, "paper": paper, "measured": measured, "holds": holds}
+
+
+def equal_cost_comparison(ours, theirs, cost: str, slack, acc: str = "accuracy %") -> tuple[list, list]:
+    """(wins, losses) of our points against theirs at equal cost, as pairs (ours, theirs): a win is
+    one of our points costing at most slack(their cost) with at least their accuracy; a loss is one
+    of theirs costing at most slack(our cost) with more accuracy than ours. `slack(c)`: the largest
+    cost still "equal" to c (a cost hinge reaches its target only approximately)."""
+    wins = [(o, t) for o in ours for t in theirs if o[cost] <= slack(t[cost]) and o[acc] >= t[acc]]
+    losses = [(o, t) for o in ours for t in theirs if t[cost] <= slack(o[cost]) and t[acc] > o[acc]]
+    return wins, losses
+
+
+def beats_everywhere(ours, theirs, cost: str, slack, acc: str = "accuracy %") -> bool:
+    """True when every point of theirs is matched by a win of ours and no point of theirs beats one of
+    ours at equal cost (see equal_cost_comparison)."""
+    wins, losses = equal_cost_comparison(ours, theirs, cost, slack, acc)
+    beaten = {id(t) for _, t in wins}
+    return bool(theirs) and not losses and all(id(t) in beaten for t in theirs)
+
+
+def equal_cost_text(ours, theirs, cost: str, slack, names=("ours", "theirs"), acc: str = "accuracy %",
+                    label=None) -> str:
+    """The claim table's 'measured' text for an equal-cost comparison: for each of their points, our
+    cheapest point that matches it (or none), then every loss. `label`: a column naming their points."""
+    wins, losses = equal_cost_comparison(ours, theirs, cost, slack, acc)
+
+    def pt(r, who, lab=None):
+        return f"{who}{' ' + str(r[lab]) if lab else ''} {r[acc]:.1f}% at {r[cost]:.0f}%"
+    parts = []
+    for t in theirs:
+        mine = [o for o, tt in wins if tt is t]
+        parts.append(f"{pt(min(mine, key=lambda r: r[cost]), names[0])} >= {pt(t, names[1], label)}" if mine
+                     else f"nothing of {names[0]} at <= {slack(t[cost]):.0f}% reaches {pt(t, names[1], label)}")
+    parts += [f"LOSS: {pt(o, names[0])} < {pt(t, names[1], label)}" for o, t in losses]
+    return "; ".join(parts) or "no points to compare"
 
 
 def _claims_table(claims) -> str:
@@ -220,6 +259,8 @@ def run_experiments(names=None, out_dir=None, quick=False, data_dir=None, seed=0
             res = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             failed.append(exp.name)
             print(f"   FAILED: {res['error']}", file=stream, flush=True)
+        if exp.claims is not None and "error" not in res:
+            res["claims"] = exp.claims(_jsonable(res))
         walls[exp.name] = time.perf_counter() - t0
         res["wall_time_s"] = walls[exp.name]
         results[exp.name] = res
@@ -231,9 +272,37 @@ def run_experiments(names=None, out_dir=None, quick=False, data_dir=None, seed=0
     with open(report_path, "w", encoding="utf-8") as f:
         f.write(report)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(_jsonable({"machine": machine, "quick": quick, "seed": seed,
-                             "wall_time_s": total, "experiments": results}), f, indent=2)
+        json.dump(_jsonable({"machine": machine, "quick": quick, "seed": seed, "command": command,
+                             "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_time_s": total,
+                             "experiments": results}), f, indent=2)
     return {"report": report_path, "results": results, "failed": failed}
+
+
+def rerender(out_dir: str) -> str:
+    """Rewrite out_dir/report.md (and results.json) from out_dir/results.json, judging each
+    experiment's claims again with its current `claims` rule; nothing is rerun. Returns the report."""
+    discover()
+    path = os.path.join(out_dir, "results.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        results = saved["experiments"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a results.json that pyeff reproduce wrote ({exc})") from None
+    exps = [get_experiment(n) for n in results]
+    for exp in exps:
+        if exp.claims is not None and "error" not in results[exp.name]:
+            results[exp.name]["claims"] = exp.claims(results[exp.name])
+    command = saved.get("command")
+    report = _render_report(exps, results, out_dir, saved.get("quick", False), saved.get("machine", {}),
+                            saved.get("wall_time_s", 0.0), command, generated=saved.get("generated"),
+                            rerendered=True)
+    report_path = os.path.join(out_dir, "report.md")
+    with open(report_path, "w", encoding="utf-8") as f:
+        f.write(report)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(saved), f, indent=2)
+    return report_path
 
 
 def _report_link(path: str, exp_dir: str, report_dir: str) -> str:
@@ -247,11 +316,14 @@ def _report_link(path: str, exp_dir: str, report_dir: str) -> str:
     return os.path.relpath(path, report_dir).replace(os.sep, "/")
 
 
-def _render_report(exps, results, out_dir, quick, machine, total, command) -> str:
+def _render_report(exps, results, out_dir, quick, machine, total, command, generated=None,
+                   rerendered=False) -> str:
     L = ["# pyeff reproduce report", ""]
-    L.append(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    L.append(f"Generated {generated or time.strftime('%Y-%m-%d %H:%M:%S')}"
              + (f" by `{command}`" if command else "") + f"; mode: **{'quick' if quick else 'full'}**;"
-             f" total wall time {total:.1f} s.")
+             f" total wall time {total:.1f} s."
+             + (f" Re-rendered {time.strftime('%Y-%m-%d %H:%M:%S')} from its results.json (claims judged "
+                "again by the current rules; nothing rerun)." if rerendered else ""))
     L.append("")
     if quick:
         L += ["> **Smoke test, not evidence.** `--quick` trains small networks on a subset for minutes so "
@@ -327,11 +399,17 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="pass a keyword override to every selected experiment, e.g. "
                         "--set epochs=1 (repeatable) (default: none)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--rerender", metavar="DIR", default=None,
+                   help="rewrite DIR/report.md from DIR/results.json, judging the claims again with the "
+                        "current rules; nothing is rerun (default: off)")
     p.set_defaults(func=main)
     return p
 
 
 def main(args) -> int:
+    if args.rerender:
+        print(f"report: {rerender(args.rerender)}")
+        return 0
     if args.list:
         for exp in list_experiments():
             print(f"{exp.name:16s} {exp.description}")

@@ -8,8 +8,9 @@ data actually trained and tested on, and CACHE_VERSION (bumped when the shared l
 config trains). An entry is one file written atomically; one that cannot be read, or holds another
 network, is rebuilt.
 
-Where: $PYEFF_CACHE_DIR, else $XDG_CACHE_HOME/pyeff, else ~/.cache/pyeff (subfolder baselines/).
-PYEFF_CACHE_DIR=off turns the cache off.
+Where: baselines/ in pyeff's cache folder (pyeff.data.cache.cache_dir(): $PYEFF_CACHE, else
+~/.cache/pyeff, beside the generated data sets); PYEFF_BASELINE_CACHE=<folder> puts the entries
+elsewhere, PYEFF_BASELINE_CACHE=off turns the cache off.
 """
 from __future__ import annotations
 
@@ -23,20 +24,19 @@ import torch
 from pyeff.train.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from pyeff.train.config import RUN_DEFINING_FIELDS, TrainConfig
 
-CACHE_ENV = "PYEFF_CACHE_DIR"
+CACHE_ENV = "PYEFF_BASELINE_CACHE"
 CACHE_VERSION = 1
 FORMAT = "pyeff-float-baseline"
 
 
 def cache_dir() -> Optional[str]:
     """The baselines folder, or None when the cache is off."""
+    from pyeff.data.cache import cache_dir as pyeff_cache
+
     root = os.environ.get(CACHE_ENV)
     if root is not None and root.strip().lower() in ("off", "0", "none", ""):
         return None
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "pyeff")
-    return os.path.join(root, "baselines")
+    return os.path.expanduser(root) if root else str(pyeff_cache() / "baselines")
 
 
 def data_fingerprint(data) -> str:

@@ -195,10 +195,6 @@ def tuned_routes() -> dict:
     return dict(_TUNED)
 
 
-def clear_tuned() -> None:
-    _TUNED.clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # which route ran: routes.tracing() collects one record per native CPU call
 
