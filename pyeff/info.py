@@ -70,9 +70,9 @@ def cpu_paths(flags: set) -> dict:
     paths = {}
     try:
         paths["quant_conv2d route choice"] = (
-            "measured: each shape's first call times every exact route and keeps the fastest "
-            f"({qc.AUTOTUNE_ENV}=0: the fixed rules below)" if qc.autotune_enabled() else
-            f"the fixed rules below ({qc.AUTOTUNE_ENV}=0)")
+            f"measured ({qc.AUTOTUNE_ENV}=1): each shape's first call times every exact route and keeps "
+            "the fastest; the fixed rules would take the routes below" if qc.autotune_enabled() else
+            f"the fixed rules below ({qc.AUTOTUNE_ENV}=1 measures per shape instead)")
         fixed = dict(padding=1, measured=False)
         paths["quant_conv2d <= 8 bits"] = words[qc.cpu_route(x, w, w_bits=8, a_bits=8, **fixed)]
         small, long = (qc.cpu_route(x, w, w_bits=16, a_bits=16, **fixed),

@@ -185,7 +185,7 @@ def test_info_states_each_ops_path(monkeypatch):
     monkeypatch.delenv(qc.AUTOTUNE_ENV, raising=False)
     monkeypatch.delenv(mc.STRATEGY_ENV, raising=False)
     got = info.collect()
-    assert got["quant_conv2d route choice"].startswith("measured")
+    assert got["quant_conv2d route choice"].startswith("the fixed rules")
     x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
     assert got["quant_conv2d <= 8 bits"].startswith(qc.cpu_route(x, w, w_bits=8, a_bits=8, measured=False) + ":")
     assert got["masked_conv2d strides / groups / float64"].startswith("masked_dense")

@@ -88,13 +88,15 @@ def test_float_route_matches_reference(shape, rng, monkeypatch):
 
 
 def test_measured_route_choice(rng, monkeypatch):
-    """With autotuning on (the default), a shape's first call times every exact route and keeps the
-    fastest: later calls of that shape (and of batches rounding to the same power of two) take it
-    without timing, the result matches the reference either way, and the choice is one of the
-    exact candidates."""
+    """With autotuning on (PYEFF_QUANT_CONV_AUTOTUNE=1), a shape's first call times every exact route
+    and keeps the fastest: later calls of that shape (and of batches rounding to the same power of
+    two) take it without timing, the result matches the reference either way, and the choice is one
+    of the exact candidates. Off (the default), nothing is timed."""
     from pyeff.ops.quant_conv import routes
 
     monkeypatch.delenv(qc.AUTOTUNE_ENV, raising=False)
+    assert not qc.autotune_enabled()
+    monkeypatch.setenv(qc.AUTOTUNE_ENV, "1")
     monkeypatch.delenv(qc.CPU_PATH_ENV, raising=False)
     x, w, b, kw = _case(SHAPES[3], rng)
     key = routes.tune_key(x, w, (1, 1), (1, 1), (1, 1), 1, 16, 16)
@@ -122,7 +124,7 @@ def test_measured_route_choice(rng, monkeypatch):
     assert qc.cpu_route(x, w, w_bits=16, a_bits=16, padding=1) == qc.cpu_route(x, w, w_bits=16, a_bits=16,
                                                                                padding=1, measured=False)
     monkeypatch.setenv(qc.AUTOTUNE_ENV, "sometimes")
-    with pytest.raises(ValueError, match="PYEFF_QUANT_CONV_AUTOTUNE must be 1"):
+    with pytest.raises(ValueError, match="PYEFF_QUANT_CONV_AUTOTUNE must be 0"):
         quant_conv2d(torch.randn(3, 16, 8, 8), w, padding=1, w_bits=12, a_bits=12)
 
 

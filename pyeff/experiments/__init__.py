@@ -125,7 +125,15 @@ def get_experiment(name: str) -> Experiment:
     return _REGISTRY[name]
 
 
+def gap_text(ref: float, value: float) -> str:
+    """'k points below' / 'k points above': value against the reference, for claim tables."""
+    d = ref - value
+    return f"{abs(d):.1f} points {'below' if d >= 0 else 'above'}"
+
+
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, int):

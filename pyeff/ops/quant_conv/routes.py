@@ -13,10 +13,11 @@
             in float64 (below 2^53: always, for 16-bit operands). Fast where oneDNN's int8 kernels
             are weak: depthwise, tiny planes, wide operands.
 `candidates` lists the routes that are exact for the operands (oneDNN's only where its geometry is
-safe). Which one runs is measured (`pick`): the first call of a shape times each candidate and
-keeps the fastest for that shape in this process (PYEFF_QUANT_CONV_AUTOTUNE=0: the first candidate,
-the fixed rules). PYEFF_QUANT_CONV_CPU_PATH=direct|sliced|gemm|float forces a route where it is
-exact (tests, benchmarks); auto and onednn leave the choice to the measurement. `tracing()` shows
+safe). By default the fixed rules take the first candidate. With PYEFF_QUANT_CONV_AUTOTUNE=1 the
+choice is measured (`pick`): the first call of a shape times each candidate and keeps the fastest
+for that shape in this process (off by default: see autotune_enabled).
+PYEFF_QUANT_CONV_CPU_PATH=direct|sliced|gemm|float forces a route where it is exact (tests,
+benchmarks); auto and onednn leave the choice to the rules or the measurement. `tracing()` shows
 which route each call took.
 """
 import functools
@@ -146,9 +147,13 @@ _TUNE_RUNS = 2  # timed runs per candidate after its first (untimed: builds the 
 
 
 def autotune_enabled() -> bool:
-    v = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+    """Off by default: routes round the last bit differently (oneDNN's fused float32 epilogue, the
+    float route's float32 scales, the float64 epilogue), so a measured choice, which may differ
+    between batch sizes and between processes, would make a sample's output depend on them; after
+    a later quantiser that can be one level. The fixed rules depend on the operands only."""
+    v = os.environ.get(AUTOTUNE_ENV, "0").strip().lower()
     if v not in ("0", "1", "off", "on", "false", "true"):
-        raise ValueError(f"pyeff.ops.quant_conv2d: {AUTOTUNE_ENV} must be 1 (default) or 0, got {v!r}")
+        raise ValueError(f"pyeff.ops.quant_conv2d: {AUTOTUNE_ENV} must be 0 (default) or 1, got {v!r}")
     return v in ("1", "on", "true")
 
 
@@ -167,8 +172,8 @@ def pick(cands: list, key: tuple, run) -> tuple:
     route of `key`; else, with autotuning on (the default) and more than one candidate, each
     candidate is run (`run(route)`) once to build its weight forms and _TUNE_RUNS times timed,
     the fastest is kept for `key`, and its last output is returned (no extra call). Every
-    candidate is exact, so the choice changes the time, never the result beyond the rounding
-    the op's docs allow. With autotuning off: the first candidate (the fixed rules)."""
+    candidate is exact against the reference up to the op's stated rounding. With autotuning off
+    (the default): the first candidate (the fixed rules)."""
     forced = _forced()
     if forced in cands:
         return forced, None
