@@ -180,7 +180,7 @@ def _claims(rows, dense_acc) -> list:
     wins, losses = equal_cost_comparison(dfs, static, "computation %", slack)
     out.append(claim("DFS beats static quantisation at equal cost",
                      "Fig. 6: DFS-ResNet38 above uniform 8-16 bit quantisation at equal bit-product cost",
-                     equal_cost_text(dfs, static, "computation %", slack, ("DFS", "static"), label="bits"),
+                     equal_cost_text(dfs, static, "computation %", slack, ("DFS", "static, bits"), label="bits"),
                      bool(reach) and not losses and all(any(t is q for _, t in wins) for q in reach)))
     # 4. beyond the paper: the saving is wall-clock, against the best deployment of the dense model
     hw = [r for r in rows if r["method"] == HW]
