@@ -81,6 +81,8 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in
   at::Tensor in_mask = in_mask_in.contiguous(), out_mask = out_mask_in.contiguous();
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(x.scalar_type()).contiguous();
+  TORCH_CHECK(!bias.defined() || (bias.is_cuda() && bias.dim() == 1 && bias.size(0) == K), op,
+              ": bias must be [K] on the GPU");
   at::Tensor y = at::empty({N, K, OH, OW}, x.options());
   if (N == 0) return y;
   const dim3 grid((OH * OW + kThreads - 1) / kThreads, K, N);
