@@ -5,8 +5,6 @@ masked_conv2d_reference (tests/test_masked_conv.py tolerances: 1e-4 in float32, 
 geometry (stride / padding / dilation mixed per axis, groups, depthwise), masks (none, all on, all
 off, one on, random, per sample, one shared row), dtypes, layouts, thread counts and value classes.
 Failing examples found by the fuzzer are kept below as explicit regression cases."""
-import contextlib
-import os
 
 import pytest
 import torch
@@ -22,17 +20,8 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10), torch.float16
        torch.bfloat16: (2e-2, 5e-2)}
 
 
-@contextlib.contextmanager
 def strategy(name: str):
-    old = os.environ.get(STRATEGY_ENV)
-    os.environ[STRATEGY_ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(STRATEGY_ENV, None)
-        else:
-            os.environ[STRATEGY_ENV] = old
+    return fz.env(STRATEGY_ENV, name)
 
 
 @st.composite

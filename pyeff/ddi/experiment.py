@@ -180,18 +180,16 @@ def claims_of(result: dict) -> list:
 
 def _claims(rows, sweep, within_budget) -> list:
     """The paper's claims against this run's rows (see docs/reproduce.md for how each is judged)."""
-    from pyeff.experiments import beats_everywhere, claim, equal_cost_text, gap_text
+    from pyeff.experiments import beats_everywhere, claim, equal_cost_text, near_dense_claim
 
     dense = rows[0]["accuracy %"]
     ddi = sorted((r for r in rows if r["method"] == MASKS), key=lambda r: r["FLOPs %"])
     out = []
-    quarter = min(ddi, key=lambda r: abs(r["FLOPs %"] - 25), default=None)
-    if quarter is not None:
-        gap = dense - quarter["accuracy %"]
-        out.append(claim("At 25% FLOPs (4x saving), accuracy equal to the dense network or within 1 point",
+    c = near_dense_claim("At 25% FLOPs (4x saving), accuracy equal to the dense network or within 1 point",
                          "abstract: up to 4x computational savings with the same or higher accuracy (CIFAR)",
-                         f"{quarter['accuracy %']:.1f}% at {quarter['FLOPs %']:.0f}% FLOPs vs dense {dense:.1f}% "
-                         f"({gap_text(dense, quarter['accuracy %'])})", quarter["FLOPs %"] <= 30 and gap <= 1.0))
+                         ddi, "FLOPs %", 25, dense, 1.0, lambda v: v <= 30, unit="% FLOPs")
+    out += [c] if c else []
+    quarter = min(ddi, key=lambda r: abs(r["FLOPs %"] - 25), default=None)
 
     def versus(method, text, paper):
         # no point of theirs above a DDI point that spends as much (2 FLOPs points of slack: the hinge

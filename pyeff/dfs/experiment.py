@@ -154,7 +154,8 @@ def claims_of(result: dict) -> list:
 
 
 def _claims(rows, dense_acc) -> list:
-    from pyeff.experiments import beats_everywhere, claim, equal_cost_comparison, equal_cost_text, gap_text
+    from pyeff.experiments import (beats_everywhere, claim, equal_cost_comparison, equal_cost_text,
+                                   near_dense_claim)
 
     dfs = sorted((r for r in rows if r["method"] == "DFS"), key=lambda r: r["computation %"])
     skip = [r for r in rows if r["method"] == "skip-only"]
@@ -169,14 +170,10 @@ def _claims(rows, dense_acc) -> list:
                      equal_cost_text(dfs, skip, "computation %", slack, ("DFS", "skip-only")),
                      beats_everywhere(dfs, skip, "computation %", slack)))
     # 2. near-dense accuracy at about a quarter of the computation
-    near = min(dfs, key=lambda r: abs(r["computation %"] - 25), default=None)
-    if near is not None:
-        gap = dense_acc - near["accuracy %"]
-        out.append(claim("DFS at ~25% computation stays within 1.5 points of the dense network",
+    c = near_dense_claim("DFS at ~25% computation stays within 1.5 points of the dense network",
                          "Fig. 6: DFS-ResNet38 near the full-precision accuracy at a quarter of the cost",
-                         f"{near['accuracy %']:.1f}% at {near['computation %']:.0f}% vs dense {dense_acc:.1f}% "
-                         f"({gap_text(dense_acc, near['accuracy %'])})",
-                         abs(near["computation %"] - 25) <= 5 and gap <= 1.5))
+                         dfs, "computation %", 25, dense_acc, 1.5, lambda v: abs(v - 25) <= 5)
+    out += [c] if c else []
     # 3. above static uniform quantisation at equal cost: no static point above a DFS point that
     #    spends as much, and each static point DFS reaches matched by a DFS point
     reach = [q for q in static if q["computation %"] >= min((d["computation %"] for d in dfs), default=0) - 1]

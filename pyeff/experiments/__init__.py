@@ -188,6 +188,18 @@ def equal_cost_text(ours, theirs, cost: str, slack, names=("ours", "theirs"), ac
     return "; ".join(parts) or "no points to compare"
 
 
+def near_dense_claim(text: str, paper: str, points, cost: str, level: float, dense_acc: float, max_gap: float,
+                     at_level, unit: str = "%", acc: str = "accuracy %"):
+    """The claim "within `max_gap` points of dense at about `level`": judged on the point nearest
+    to `level` (None when there is no point), which must also satisfy `at_level(cost)`."""
+    p = min(points, key=lambda r: abs(r[cost] - level), default=None)
+    if p is None:
+        return None
+    return claim(text, paper, f"{p[acc]:.1f}% at {p[cost]:.0f}{unit} vs dense {dense_acc:.1f}% "
+                              f"({gap_text(dense_acc, p[acc])})",
+                 bool(at_level(p[cost])) and dense_acc - p[acc] <= max_gap)
+
+
 def _claims_table(claims) -> str:
     rows = [{"claim": c["claim"], "paper": c.get("paper", ""), "measured here": c.get("measured", ""),
              "holds here": {True: "**yes**", False: "**no**"}.get(c.get("holds"), "not tested")} for c in claims]
