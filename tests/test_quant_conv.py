@@ -99,6 +99,7 @@ def test_measured_route_choice(rng, monkeypatch):
     monkeypatch.setenv(qc.AUTOTUNE_ENV, "1")
     monkeypatch.delenv(qc.CPU_PATH_ENV, raising=False)
     x, w, b, kw = _case(SHAPES[3], rng)
+    x = torch.cat([x, 0.5 * x])  # a batch of 2
     key = routes.tune_key(x, w, (1, 1), (1, 1), (1, 1), 1, 16, 16)
     routes._TUNED.pop(key, None)
     timed = []
@@ -112,8 +113,8 @@ def test_measured_route_choice(rng, monkeypatch):
     assert n_first >= 2 * 2, "the first call must time at least two candidates"
     with qc.tracing() as calls:
         again = quant_conv2d(x, w, b, **kw, w_bits=16, a_bits=16)
-        smaller = quant_conv2d(x[:1], w, b, **kw, w_bits=16, a_bits=16)  # batch 1: new key
-        quant_conv2d(torch.cat([x, x[:1]])[:2], w, b, **kw, w_bits=16, a_bits=16)  # batch 2 again: same key
+        smaller = quant_conv2d(x[:1], w, b, **kw, w_bits=16, a_bits=16)  # batch 1: a key of its own
+        quant_conv2d(x.flip(0).contiguous(), w, b, **kw, w_bits=16, a_bits=16)  # batch 2 again: the same key
     assert calls[0]["route"] == chosen and calls[2]["route"] == chosen
     ref = _ref(x, w, b, kw, 16, 16)
     torch.testing.assert_close(first, ref)
