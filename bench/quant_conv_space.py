@@ -35,7 +35,7 @@ SHAPES = [
 ]
 QUICK_SHAPES = ("dense 3x3", "depthwise 3x3", "1x1")
 BITS = (4, 8, 12, 16)
-ROUTE_NAMES = ("direct", "sliced", "gemm", "float")
+ROUTE_NAMES = ("direct", "sliced", "gemm", "depthwise", "float")
 
 
 def _targets(row: dict, name: str, C: int, groups: int) -> str:

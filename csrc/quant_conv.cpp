@@ -34,6 +34,12 @@ TORCH_LIBRARY_FRAGMENT(pyeff, m) {
   //   T_j = acc[j*G + g] (int32 or float32 holding integers, [M, cols] with unit column stride)
   //         + corr[j, g*cols + column]  (float64 [S_a, G*cols], cols = S_w*Kg); rowsum (float64
   //   [M, G], optional) = sum of (q - zp) over row m's window in group g (for offset weights).
+  // the depthwise route (CPU only; groups == C, K = m * C): out[n, k, oh, ow] (channels_last) =
+  //   fac[k] * sum over the window of (q - zero_point) * levels[k, 0, kh, kw] + bias[k], ReLU'd if
+  //   relu; the sum is exact (float64), the output in out_dtype
+  m.def(
+      "quant_conv_depthwise(Tensor digits, int zero_point, Tensor levels, Tensor fac, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation, bool relu, ScalarType out_dtype) -> Tensor");
   m.def(
       "quant_conv_epilogue(Tensor[] acc, Tensor corr, int slices_w, Tensor? rowsum, float a_scale, "
       "Tensor w_scale, Tensor? bias, int[] out_shape, ScalarType out_dtype) -> Tensor");

@@ -63,6 +63,7 @@ def cpu_paths(flags: set) -> dict:
     words = {"direct": f"direct: one oneDNN int8 conv ({int8}), epilogue fused",
              "sliced": f"sliced: one oneDNN int8 conv ({int8}) per byte slice + pyeff epilogue",
              "gemm": "gemm: pyeff im2col + int8 GEMM (at::_int_mm) + pyeff epilogue",
+             "depthwise": "depthwise: pyeff's C++ depthwise kernel (exact float64 sums, epilogue fused)",
              "float": "float: F.conv2d on the integer levels (float32 below 2^24, else float64) + scales"}
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 16, 8, 8, generator=g), torch.randn(16, 16, 3, 3, generator=g)
@@ -79,6 +80,9 @@ def cpu_paths(flags: set) -> dict:
                        qc.cpu_route(xl, wl, w_bits=16, a_bits=16, **fixed))
         paths["quant_conv2d 9-16 bits"] = words[small] + (
             "" if small == long else f"; {long} where an accumulator could pass 2^24 (long reductions)")
+        xd, wd = torch.randn(2, 16, 8, 8, generator=g), torch.randn(16, 1, 3, 3, generator=g)
+        paths["quant_conv2d depthwise, 9-16 bits"] = words[qc.cpu_route(xd, wd, w_bits=16, a_bits=16, groups=16,
+                                                                         **fixed)]
         paths["quant_conv2d float64"] = words[qc.cpu_route(x.double(), w.double(), w_bits=8, a_bits=8, **fixed)]
         if not qc.cpu_has_int8_dot():
             paths["quant_conv2d note"] = "no VNNI/AMX: oneDNN's int8 conv is not exact here, every call takes gemm"

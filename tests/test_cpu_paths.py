@@ -30,26 +30,32 @@ def fixed_rules(monkeypatch):
 
 
 def _routes_here():
-    return ("direct", "sliced", "gemm", "float") if qc.cpu_has_int8_dot() else ("gemm", "float")
+    return ("direct", "sliced", "gemm", "depthwise", "float") if qc.cpu_has_int8_dot() else ("gemm", "depthwise", "float")
 
 
 # (x shape, weight shape, conv kwargs): a long reduction with 16-bit weights needs the int32 GEMM
 CONVS = {
     "direct": [((2, 6, 9, 7), (8, 6, 3, 3), dict(padding=1)), ((3, 6, 11, 10), (9, 2, 3, 3), dict(stride=2, groups=3))],
-    "sliced": [((2, 6, 9, 7), (8, 6, 3, 3), dict(padding=1)), ((3, 6, 11, 10), (9, 2, 3, 3), dict(stride=2, groups=3))],
+    # more than routes._SMALL_M output positions: below that the rules put gemm first
+    "sliced": [((2, 6, 33, 32), (8, 6, 3, 3), dict(padding=1)), ((3, 6, 41, 40), (9, 2, 3, 3), dict(stride=2, groups=3))],
     "gemm": [((2, 256, 4, 4), (8, 256, 3, 3), dict(padding=1)),
              ((2, 512, 5, 4), (8, 256, 3, 3), dict(padding=1, dilation=2, groups=2))],
+    # depthwise (one input channel per group), with a channel multiplier, strided and dilated
+    "depthwise": [((2, 6, 9, 7), (6, 1, 3, 3), dict(padding=1, groups=6)),
+                  ((3, 4, 11, 10), (8, 1, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=4))],
     # never first under the fixed rules: reached by name (depthwise, strided, a long reduction)
     "float": [((2, 6, 9, 7), (6, 1, 3, 3), dict(padding=1, groups=6)), ((3, 6, 11, 10), (9, 2, 3, 3), dict(stride=2, groups=3)),
               ((2, 256, 4, 4), (8, 256, 3, 3), dict(padding=1))],
 }
 BITS = {"direct": [(8, 8), (4, 6), (2, 3)], "sliced": [(16, 16), (12, 9), (8, 16)], "gemm": [(16, 16)],
+        "depthwise": [(16, 16), (12, 9), (8, 16)],
         "float": [(8, 8), (16, 16), (12, 9), (2, 3)]}
 
 
-# the fixed rules (auto, onednn) never put the float route first: it is reached by name only
-@pytest.mark.parametrize("route, switch", [(r, s) for r in ("direct", "sliced", "gemm") for s in ("auto", "onednn",
-                                                                                                  "by name")]
+# the fixed rules (auto, onednn) never put the float route first: it is reached by name only; the
+# depthwise route is first for depthwise convolutions above 8 bits
+@pytest.mark.parametrize("route, switch", [(r, s) for r in ("direct", "sliced", "gemm", "depthwise")
+                                           for s in ("auto", "onednn", "by name")]
                          + [("float", "by name")])
 def test_quant_conv2d_each_route_matches_reference(route, switch, gen, monkeypatch):
     if route not in _routes_here():
@@ -75,12 +81,13 @@ def test_quant_linear_each_route_matches_reference(route, gen, monkeypatch):
         pytest.skip(f"route {name} needs VNNI/AMX and oneDNN")
     monkeypatch.setenv(qc.CPU_PATH_ENV, "gemm" if route == "forced gemm" else "auto")
     features = 4000 if name == "gemm" and route != "forced gemm" else 37
-    x, w, b = torch.randn(3, 5, features, generator=gen), torch.randn(11, features, generator=gen), torch.randn(11)
+    rows = 400 if name == "sliced" else 5  # sliced needs more than routes._SMALL_M rows (else gemm is first)
+    x, w, b = torch.randn(3, rows, features, generator=gen), torch.randn(11, features, generator=gen), torch.randn(11)
     wb, ab = (8, 8) if name == "direct" or route == "forced gemm" else (16, 16)
     assert qc.cpu_route(x.reshape(-1, features)[:, :, None, None], w, w_bits=wb, a_bits=ab) == name
     got = quant_linear(x, w, b, w_bits=wb, a_bits=ab)
     ref = quant_conv2d_reference(x.reshape(-1, features, 1, 1), w[:, :, None, None], b, w_bits=wb, a_bits=ab)
-    torch.testing.assert_close(got, ref.reshape(3, 5, 11))
+    torch.testing.assert_close(got, ref.reshape(3, rows, 11))
 
 
 @pytest.mark.parametrize("switch", ["auto", "onednn", "gemm", "float"])
@@ -199,3 +206,26 @@ def test_info_states_each_ops_path(monkeypatch):
     assert got["masked_conv2d strides / groups / float64"] == "kernel: pyeff's portable C++ loop nest"
     assert "PYEFF_QUANT_CONV_CPU_PATH=gemm" in got["forced from the environment"]
     assert "fake_quant kernel" in info.render(got)
+
+
+def test_epilogue_routes_give_identical_bits(gen, monkeypatch):
+    """sliced, gemm and depthwise compute the same exact integer sums and share the float64
+    epilogue's arithmetic, so their outputs are bitwise equal: the fixed rules may pick among them
+    by the number of output positions (routes._SMALL_M), which depends on the batch, without a
+    sample's output depending on its batch."""
+    x = torch.randn(3, 8, 9, 10, generator=gen) * 3 - 1
+    for w, groups in ((torch.randn(8, 8, 3, 3, generator=gen), 1), (torch.randn(16, 1, 3, 3, generator=gen), 8)):
+        b, s = torch.randn(w.shape[0], generator=gen), torch.rand(w.shape[0], generator=gen) + 0.5
+        for wb, ab in ((16, 16), (12, 9), (9, 16)):
+            outs = {}
+            for route in ("sliced", "gemm", "depthwise"):
+                monkeypatch.setenv(qc.CPU_PATH_ENV, route)
+                with qc.tracing() as calls:
+                    y = quant_conv2d(x, w, b, padding=1, groups=groups, w_bits=wb, a_bits=ab, out_scale=s, relu=True)
+                outs[calls[-1]["route"]] = y
+            expected = {"gemm"} | ({"depthwise"} if groups > 1 else set()) \
+                | ({"sliced"} if "sliced" in _routes_here() and groups == 1 else set())
+            assert expected <= set(outs), outs.keys()
+            first = outs["gemm"]
+            for route, y in outs.items():
+                assert torch.equal(y, first), f"{route} differs from gemm at {wb}/{ab} bits, groups={groups}"

@@ -28,4 +28,4 @@ def test_doc_example_runs(name, index):
     if name == "dynamic.md":
         assert scope["logits"].shape == (2, 10) and len(scope["net"].blocks) == 3
     if (name, index) == ("quant_conv.md", 2):
-        assert scope["calls"][-1]["route"] in ("direct", "sliced", "gemm", "float")
+        assert scope["calls"][-1]["route"] in ("direct", "sliced", "gemm", "depthwise", "float")

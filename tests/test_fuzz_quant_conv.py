@@ -34,7 +34,7 @@ def conv_cases(draw):
                 layout=draw(fz.layouts), threads=draw(fz.threads), route=draw(ROUTE_CHOICES))
 
 
-ROUTE_CHOICES = st.sampled_from(["auto", "direct", "sliced", "gemm", "float"])
+ROUTE_CHOICES = st.sampled_from(["auto", "direct", "sliced", "gemm", "depthwise", "float"])
 
 
 def check_conv(c, backends=None):

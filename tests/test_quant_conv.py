@@ -61,16 +61,21 @@ def test_cpu_routes_are_all_exercised(rng, monkeypatch):
     # a long reduction with 16-bit weights exceeds float32's exact range: the int32 GEMM route
     xw, ww = torch.randn(2, 256, 4, 4, generator=rng), torch.randn(8, 256, 3, 3, generator=rng)
     kw1 = dict(stride=1, padding=1, dilation=1, groups=1)
-    cases = [(x, w, b, kw, 8, 8), (x, w, b, kw, 16, 16), (xw, ww, None, kw1, 16, 16)]
+    # sliced needs more output positions than routes._SMALL_M (below that gemm is first)
+    xs = torch.randn(1, 16, 40, 40, generator=rng)
+    # a depthwise convolution above 8 bits: the depthwise kernel
+    xd, wd = torch.randn(2, 8, 7, 6, generator=rng), torch.randn(8, 1, 3, 3, generator=rng)
+    kwd = dict(stride=1, padding=1, dilation=1, groups=8)
+    cases = [(x, w, b, kw, 8, 8), (xs, w, b, kw, 16, 16), (xw, ww, None, kw1, 16, 16), (xd, wd, None, kwd, 12, 12)]
     seen = []
     for xi, wi, bi, kwi, wb, ab in cases:
         seen.append(qc.cpu_route(xi, wi, w_bits=wb, a_bits=ab, groups=kwi["groups"]))
         torch.testing.assert_close(quant_conv2d(xi, wi, bi, **kwi, w_bits=wb, a_bits=ab),
                                    _ref(xi, wi, bi, kwi, wb, ab))
     if qc.cpu_has_int8_dot():
-        assert seen == ["direct", "sliced", "gemm"]
+        assert seen == ["direct", "sliced", "gemm", "depthwise"]
     else:
-        assert seen == ["gemm"] * 3
+        assert seen == ["gemm"] * 3 + ["depthwise"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -1,5 +1,5 @@
-"""The native backend: pyeff's compiled passes (quantiser, im2col, window sums, epilogue) around
-oneDNN's int8 convolution or at::_int_mm. One function per route (routes.py chooses on the CPU;
+"""The native backend: pyeff's compiled passes (quantiser, im2col, window sums, epilogue, the
+depthwise kernel) around oneDNN's int8 convolution or at::_int_mm. One function per route (routes.py chooses on the CPU;
 CUDA always takes the GEMM route, on cuBLASLt's int8 tensor cores)."""
 import math
 from typing import NamedTuple
@@ -132,7 +132,8 @@ def run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bit
     cands = routes.candidates(x.dtype, w_bits, a_bits, act.zp, act.qmax,
                               lambda: weights.digits(forms, weight, w_bits, groups).l1max,
                               routes.onednn_geometry_ok(x.shape[-2:], (KH, KW), stride, padding, dilation, (OH, OW)),
-                              routes.sliced_ok(Cg, stride))
+                              routes.sliced_ok(Cg, stride), routes.is_depthwise(x.shape[1], Cg, groups),
+                              x.shape[0] * OH * OW)
     route, out = routes.pick(cands, routes.tune_key(x, weight, stride, padding, dilation, groups, w_bits, a_bits),
                              lambda r: run_route(r, *args))
     routes.record(x, weight, groups, w_bits, a_bits, route)
@@ -149,6 +150,12 @@ def run_route(route, x, act, forms, weight, bias, stride, padding, dilation, gro
         if compute != torch.float32:
             lv = weights.float_levels(forms, weight, w_bits, compute)
         return float_conv(x, act, lv, bias, *conv, out_scale, relu, compute)
+    if route == "depthwise":
+        lv = weights.float_levels(forms, weight, w_bits, torch.float64)
+        wscale = lv.scale if out_scale is None else lv.scale * out_scale.to(lv.scale)
+        fac = act.scale * wscale.to(torch.float64)  # the epilogue's order: the same bits as sliced / gemm
+        return torch.ops.pyeff.quant_conv_depthwise(act.digits, act.zp, lv.levels, fac, bias, list(stride),
+                                                    list(padding), list(dilation), relu, x.dtype)
     if route == "direct":
         return direct_onednn(x, act, forms, weight, bias, *conv, w_bits, out_scale, relu)
     N, (K, _, KH, KW), (OH, OW) = x.shape[0], weight.shape, out_hw

@@ -8,6 +8,9 @@
   "gemm":   pyeff's im2col of the digits, at::_int_mm (int32 accumulation) and epilogue: exact in
             float64 for every width; with "float", the only routes without VNNI/AMX (where oneDNN
             halves int8 weights to dodge 16-bit saturation, which is not exact) or oneDNN;
+  "depthwise": pyeff's C++ depthwise kernel (groups == channels): the integer sum over each window
+            in float64 (exact for every width), scales, bias and ReLU fused; the fixed rules' first
+            choice for depthwise convolutions above 8 bits, where oneDNN's int8 slices are slow;
   "float":  the integer convolution sum (q - zp) * w_level as a float convolution (F.conv2d) on
             integer-valued tensors: exact in float32 while every partial sum stays below 2^24, else
             in float64 (below 2^53: always, for 16-bit operands). Fast where oneDNN's int8 kernels
@@ -16,7 +19,7 @@
 safe). By default the fixed rules take the first candidate. With PYEFF_QUANT_CONV_AUTOTUNE=1 the
 choice is measured (`pick`): the first call of a shape times each candidate and keeps the fastest
 for that shape in this process (off by default: see autotune_enabled).
-PYEFF_QUANT_CONV_CPU_PATH=direct|sliced|gemm|float forces a route where it is exact (tests,
+PYEFF_QUANT_CONV_CPU_PATH=direct|sliced|gemm|depthwise|float forces a route where it is exact (tests,
 benchmarks); auto and onednn leave the choice to the rules or the measurement. `tracing()` shows
 which route each call took.
 """
@@ -34,8 +37,9 @@ from pyeff.ops.quant_conv.slicing import act_slices, digit_max, zero_point_digit
 from pyeff.ops.quant_conv.weights import WeightForms, digits
 
 CPU_PATH_ENV = "PYEFF_QUANT_CONV_CPU_PATH"
-CPU_PATHS = ("auto", "onednn", "direct", "sliced", "gemm", "float")
-ROUTES = ("direct", "sliced", "gemm", "float")
+CPU_PATHS = ("auto", "onednn", "direct", "sliced", "gemm", "depthwise", "float")
+ROUTES = ("direct", "sliced", "gemm", "depthwise", "float")
+_SMALL_M = 1024  # output positions up to which gemm beats sliced above 8 bits (bench/quant_conv_space)
 _EXACT_F32 = 1 << 24  # integers below this are exact in float32
 
 
@@ -68,7 +72,7 @@ def _forced() -> str:
 
 
 def _onednn_allowed() -> bool:
-    return _forced() not in ("gemm", "float") and cpu_has_int8_dot() and onednn_available()
+    return _forced() not in ("gemm", "depthwise", "float") and cpu_has_int8_dot() and onednn_available()
 
 
 def float_dtype(x_dtype: torch.dtype, amax: int, l1max: int) -> torch.dtype:
@@ -121,21 +125,35 @@ def sliced_ok(channels_per_group: int, stride) -> bool:
 
 
 def candidates(x_dtype: torch.dtype, w_bits: int, a_bits: int, zp: int, qmax: int, l1max,
-               geometry_ok: bool = True, slices_ok: bool = True) -> list:
+               geometry_ok: bool = True, slices_ok: bool = True, depthwise: bool = False,
+               out_positions: int = 1 << 30) -> list:
     """The routes that are exact for these operands, fastest-first by the fixed rules. `l1max()`:
     the weights' largest stacked-filter L1 norm, asked only when the sliced route is in question
     (it needs the digit pack). `geometry_ok`: onednn_geometry_ok of the convolution; `slices_ok`:
-    sliced_ok. gemm and float are exact everywhere."""
+    sliced_ok; `depthwise`: one input channel per group (the depthwise route exists);
+    `out_positions`: N * OH * OW. gemm, depthwise and float are exact everywhere. The order is the
+    one measured fastest in bench/quant_conv_space.py (docs/quant_conv.md): above 8 bits the
+    depthwise kernel first where it applies, and gemm ahead of sliced for a few output positions
+    (oneDNN's per-slice calls cost more than the products there)."""
     out = []
+    wide = not _single_slice(x_dtype, w_bits, a_bits)
+    if depthwise and wide:
+        out.append("depthwise")
     if geometry_ok and _onednn_allowed():
-        if _single_slice(x_dtype, w_bits, a_bits):
+        if not wide:
             out.append("direct")
         elif slices_ok:
             amax = max(max(z, digit_max(qmax, j) - z)
                        for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
             if amax * l1max() < _EXACT_F32:
                 out.append("sliced")
-    return out + ["gemm", "float"]
+    if wide and out_positions <= _SMALL_M and out and out[-1] == "sliced":
+        out.insert(len(out) - 1, "gemm")
+    else:
+        out.append("gemm")
+    if depthwise and not wide:
+        out.append("depthwise")
+    return out + ["float"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +249,7 @@ def record(x: Tensor, weight: Tensor, groups: int, w_bits: int, a_bits: int, rou
 
 def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, groups: int = 1, a_range=None,
               stride=(1, 1), padding=(0, 0), dilation=(1, 1), measured: bool = True) -> str:
-    """The route ("direct", "sliced", "gemm" or "float") that quant_conv2d's native CPU backend
+    """The route ("direct", "sliced", "gemm", "depthwise" or "float") that quant_conv2d's native CPU backend
     takes for these operands (quant_linear: a [out, in] weight) under the current CPU_PATH_ENV and
     AUTOTUNE_ENV. Where the choice is measured and this shape has not been measured yet, this
     makes that first call (on x and weight) and reports what it chose; `measured=False` gives the
@@ -248,7 +266,8 @@ def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, gr
                        lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max,
                        onednn_geometry_ok(x.shape[-2:], weight.shape[-2:], stride, padding, dilation,
                                           conv_out_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)),
-                       sliced_ok(weight.shape[1], stride))
+                       sliced_ok(weight.shape[1], stride), is_depthwise(x.shape[1], weight.shape[1], groups),
+                       out_positions(x, weight, stride, padding, dilation))
     if _forced() in cands:
         return _forced()
     if not measured or len(cands) == 1 or not autotune_enabled():
@@ -261,6 +280,15 @@ def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, gr
         quant_conv2d(x, weight, None, stride, padding, dilation, groups, w_bits=w_bits, a_bits=a_bits,
                      a_range=a_range, backend="native")
     return calls[-1]["route"]
+
+
+def is_depthwise(channels: int, channels_per_group: int, groups: int) -> bool:
+    return channels_per_group == 1 and groups == channels
+
+
+def out_positions(x: Tensor, weight: Tensor, stride, padding, dilation) -> int:
+    oh, ow = conv_out_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    return x.shape[0] * oh * ow
 
 
 def _pair(v):
