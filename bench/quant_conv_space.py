@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pyeff.bench import harness
 from pyeff.ops import quant_conv2d
 from pyeff.ops.packs import WeightPacks
-from pyeff.ops.quant_conv import routes
+from pyeff.ops.quant_conv import native, routes
 
 # (class, C, K, H, kernel, stride, padding, dilation, groups, batches)
 SHAPES = [
@@ -46,6 +46,21 @@ def _targets(row: dict, name: str, C: int, groups: int) -> str:
     if row["bits"] == 8 and groups == 1 and C >= 16 and name.startswith(("dense", "1x1")):
         out.append(f"8/8 faster than F.conv2d: {'met' if ratio < 1 else 'MISSED'}")
     return "; ".join(out)
+
+
+def _why(row: dict, floor_ms: float) -> str:
+    """Where a target is missed, what bounds the row (from the row's own measurements): the fixed
+    cost of a call, the quantiser's passes, or the exact wide products."""
+    if "MISSED" not in row["targets"]:
+        return ""
+    f, auto, q = row["F.conv2d ms"], row["auto ms"], row["quantise ms"]
+    if auto < 2.5 * floor_ms:
+        return f"fixed cost: a call costs >= {floor_ms:.2f} ms (tiny conv), {floor_ms / f:.1f}x F.conv2d here"
+    if q / f > 0.5:
+        return f"quantiser: range + digits alone {q / f:.1f}x F.conv2d (memory-bound conv)"
+    if row["bits"] > 8:
+        return "wide operands: exact products as 4 int8 slice products (or float64), float64 epilogue"
+    return "int8 conv itself slower than F.conv2d here"
 
 
 def _route_fn(x, w, kw, bits, packs, route):
@@ -78,11 +93,20 @@ def _route_fn(x, w, kw, bits, packs, route):
     return fn, ran
 
 
+def _floor_ms() -> float:
+    """The fixed cost of one quant_conv2d call: a 1x16x4x4 input, 3x3 weights, 8 bits."""
+    x, w, packs = torch.randn(1, 16, 4, 4), torch.randn(16, 16, 3, 3), WeightPacks()
+    t = harness.interleaved_medians({"floor": lambda: quant_conv2d(x, w, None, padding=1, packs=packs,
+                                                                   backend="native")}, rounds=50, settle=5)
+    return 1e3 * t["floor"]
+
+
 def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     if device != "cpu":
         raise ValueError("quant_conv_space times the native CPU routes; run it with --device cpu")
     torch.manual_seed(0)
     rows = []
+    floor_ms = _floor_ms()
     shapes = [s for s in SHAPES if not quick or s[0] in QUICK_SHAPES]
     for name, C, K, H, k, s, p, d, g, batches in shapes:
         for N in (batches[:1] if quick else batches):
@@ -100,6 +124,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
                         fn, ran[r] = _route_fn(x, w, kw, bits, packs, r)
                         if r == "auto" or ran[r] == r:  # time a route only where it runs as itself
                             fns[r] = fn
+                    fns["quantise"] = lambda x=x, bits=bits: native.quantize(x, bits, None)
                     t = harness.interleaved_medians(fns, rounds=5 if quick else 9, settle=1)
                     best = min((r for r in ROUTE_NAMES if r in t), key=t.get)
                     row = {"class": name, "N": N, "C->K": f"{C}->{K}", "plane": f"{H}px", "layout": layout,
@@ -108,11 +133,15 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
                         row[f"{r} ms"] = 1e3 * t[r] if r in t else "-"
                     row.update({"auto": ran["auto"], "auto ms": 1e3 * t["auto"], "fastest": best,
                                 "auto / F.conv2d": t["auto"] / t["F.conv2d"], "auto / fastest": t["auto"] / t[best]})
+                    row["quantise ms"] = 1e3 * t["quantise"]
+                    row["quantise / F.conv2d"] = t["quantise"] / t["F.conv2d"]
                     row["targets"] = _targets(row, name, C, g)
+                    row["why missed"] = _why(row, floor_ms)
                     rows.append(row)
                     print(row, flush=True)
     columns = ["class", "N", "C->K", "plane", "layout", "bits", "F.conv2d ms"] + [f"{r} ms" for r in ROUTE_NAMES] \
-        + ["auto", "auto ms", "fastest", "auto / F.conv2d", "auto / fastest", "targets"]
+        + ["auto", "auto ms", "fastest", "auto / F.conv2d", "auto / fastest", "quantise ms", "quantise / F.conv2d",
+           "targets", "why missed"]
     missed = [r for r in rows if "MISSED" in r["targets"]]
     print(f"targets missed in {len(missed)} of {len(rows)} rows", flush=True)
     harness.write_results(
@@ -120,7 +149,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
         {"device": device, "baseline": "F.conv2d (float32) on the same input and layout",
          "timing": "medians, round-robin over the variants of a row (bench/harness.interleaved_medians)"},
         out_dir, device,
-        notes="A route column is '-' where that route is not exact for the operands (direct: both operands <= 8 "
+        notes=f"The fixed cost of a call (quant_conv2d on a 1x16x4x4 input, 3x3, 8 bits) was {floor_ms:.3f} ms. "
+              "'quantise' is the activation quantiser alone (range and digits), a floor for every route. "
+              "A route column is '-' where that route is not exact for the operands (direct: both operands <= 8 "
               "bits; sliced: every slice accumulator below 2^24; both: no oneDNN-unsafe geometry). 'auto' is the "
               "route the native backend chose and its time; auto / F.conv2d > 1 means slower than the float "
               f"convolution. Weights and activations take the same bit width. Targets missed in {len(missed)} of "
