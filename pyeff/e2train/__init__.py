@@ -11,11 +11,19 @@ pyeff.energy.EnergyAccount.
     net = slu.convert(model, target=0.5)          # per-input block skipping, routed
     Trainer(net, config, train_set, test_set, hooks=[slu.SLUHook()]).fit()
 
+All three levels (PSG: pyeff.nn.psg_ / PSGConv2d) and the energy account in one object:
+
+    from pyeff.e2train import E2Train
+    model, hooks = E2Train(smd=True, slu=True, psg=True).apply(model)
+
 See docs/e2train.md.
 """
 from pyeff.e2train.smd import SMDHook, drop_draw, stretch_epochs
 
-__all__ = ["SMDHook", "drop_draw", "stretch_epochs", "slu", "SLUConfig", "SLUHook", "SLUNet"]
+__all__ = ["SMDHook", "drop_draw", "stretch_epochs", "slu", "SLUConfig", "SLUHook", "SLUNet", "E2Train",
+           "EnergyHook", "format_energy_table"]
+_LAZY = {"E2Train": "pyeff.e2train.recipe", "EnergyHook": "pyeff.e2train.energy_hook",
+         "format_energy_table": "pyeff.e2train.energy_hook"}
 
 
 def __getattr__(name):  # SLU pulls in the dynamic core and DDI: import it on first use
@@ -23,4 +31,7 @@ def __getattr__(name):  # SLU pulls in the dynamic core and DDI: import it on fi
         import importlib
         mod = importlib.import_module("pyeff.e2train.slu")
         return mod if name == "slu" else getattr(mod, name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)
