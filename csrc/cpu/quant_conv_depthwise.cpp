@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "../common.h"

@@ -68,12 +68,6 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
                        base_checkpoint=base_checkpoint, verbose=True)[0].eval()
     dense_flops = module_flops(base, x_time[:1])
 
-    def accuracy(model, loader):
-        model.eval()
-        with torch.no_grad():
-            correct = sum(int((_logits(model(xb)).argmax(1) == yb).sum()) for xb, yb in loader)
-        return 100 * correct / len(loader.dataset)
-
     def speed(model):
         ms = latency_on(model, x_time, time_per_point)
         d_ms = latency_on(base, x_time, time_per_point)  # dense re-measured beside each point
@@ -90,7 +84,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
                      "speed-up vs best dense": best_ms / ms})
         print(f"   {method} {setting}: {rows[-1]}", flush=True)
 
-    add("dense float", "", 100.0, accuracy(base, test_loader), base)
+    add("dense float", "", 100.0, _accuracy(base, test_loader), base)
 
     def train_net(net, target, name, beta_=beta):
         cfg = TrainConfig(epochs=P["ddi_epochs"], lr=P["ddi_lr"], out_dir=os.path.join(out_dir, name), **common)
@@ -118,7 +112,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
         slim = run_training(cfg, model=slim, data=data, verbose=False,
                             optimizer=sgd(slim.parameters(), P["ddi_lr"])).model.cpu().eval()
         flops = 100 * module_flops(slim, x_time[:1]) / dense_flops
-        add("static channel pruning", f"keep {100 * keep:.0f}% of inner channels", flops, accuracy(slim, test_loader),
+        add("static channel pruning", f"keep {100 * keep:.0f}% of inner channels", flops, _accuracy(slim, test_loader),
             slim)
 
     # resource-dependent halting alone: the float network with exits, no gates
@@ -141,7 +135,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
                           "ms / image": ms})
             print(f"   budget {b}: {sweep[-1]}", flush=True)
             net.set_budget(None)
-    dense_report = accuracy(base, report_loader)
+    dense_report = _accuracy(base, report_loader)
 
     plot = os.path.join(out_dir, "ddi_curve.png")
     _plot(rows, sweep, dense_report, plot)
@@ -219,6 +213,16 @@ def _claims(rows, sweep, within_budget) -> list:
     return out
 
 
+def _accuracy(model, loader) -> float:
+    """Top-1 % of `model` (eval mode, no grad) over `loader`."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((_logits(model(xb)).argmax(1) == yb).sum()) for xb, yb in loader)
+    return 100 * correct / len(loader.dataset)
+
+
 def _logits(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -287,10 +291,8 @@ def recipe_claims(result: dict) -> list:
 
 @register_experiment("ddi-recipes", "DDI at 25% FLOPs under four training recipes (default, no exit loss, beta 0.5, "
                                     "8 epochs), from the same cached float baseline",
-                     claims=lambda result: recipe_claims(result))
+                     claims=recipe_claims)
 def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", target=25.0, only=None, **overrides) -> dict:
-    import torch
-
     from pyeff.data import BatchLoader
     from pyeff.ddi.model import convert
     from pyeff.ddi.recipe import DEFAULT_BETA, DEFAULT_EXIT_WEIGHT, DDIHook
@@ -321,8 +323,7 @@ def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", target=2
         ev = t.model.cpu().eval().evaluate(loader)
         rows.append({"recipe": name, "epochs": epochs, "FLOPs %": ev["cost_pct"], "accuracy %": 100 * ev["accuracy"]})
         print(f"   {rows[-1]}", flush=True)
-    with torch.no_grad():
-        dense = 100 * sum(int((base(xb).argmax(1) == yb).sum()) for xb, yb in loader) / len(data[1])
+    dense = _accuracy(base, loader)
     return {"summary": {"target FLOPs %": target, "model": P["model"], "dense accuracy %": dense}, "table": rows,
             "notes": "Each recipe changes one thing of the default and starts from the same cached float baseline; "
                      "accuracy on the full test set."}

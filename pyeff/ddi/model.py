@@ -80,8 +80,9 @@ def _scale_grad(x: Tensor, scale: float) -> Tensor:
 
 
 def _masks_run(hard: Tensor | None, execute: Tensor) -> bool:
-    """Whether an executed sample has an inactive inner channel (the block then runs masked_conv2d)."""
-    return hard is not None and bool(execute.any()) and not bool(hard[execute].all())
+    """Whether an executed sample has an inactive inner channel (the block then runs masked_conv2d);
+    no executed sample selects nothing, whose all() is True."""
+    return hard is not None and not bool(hard[execute].all())
 
 
 class DDIController(Controller):

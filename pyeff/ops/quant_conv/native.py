@@ -1,6 +1,6 @@
 """The native backend: pyeff's compiled passes (quantiser, im2col, window sums, epilogue, the
-depthwise kernel) around oneDNN's int8 convolution or at::_int_mm. One function per route (routes.py chooses on the CPU;
-CUDA always takes the GEMM route, on cuBLASLt's int8 tensor cores)."""
+depthwise kernel) around oneDNN's int8 convolution or at::_int_mm. One function per route
+(routes.py chooses on the CPU; CUDA always takes the GEMM route, on cuBLASLt's int8 tensor cores)."""
 import math
 from typing import NamedTuple
 
@@ -129,11 +129,8 @@ def run_native(x, weight, bias, stride, padding, dilation, groups, w_bits, a_bit
     args = (x, act, forms, weight, bias, stride, padding, dilation, groups, w_bits, out_scale, relu, (OH, OW))
     if x.device.type != "cpu":
         return run_route("gemm", *args)
-    cands = routes.candidates(x.dtype, w_bits, a_bits, act.zp, act.qmax,
-                              lambda: weights.digits(forms, weight, w_bits, groups).l1max,
-                              routes.onednn_geometry_ok(x.shape[-2:], (KH, KW), stride, padding, dilation, (OH, OW)),
-                              routes.sliced_ok(Cg, stride), routes.is_depthwise(x.shape[1], Cg, groups),
-                              x.shape[0] * OH * OW)
+    cands = routes.conv_candidates(x, weight.shape, stride, padding, dilation, (OH, OW), w_bits, a_bits, act.zp,
+                                   act.qmax, lambda: weights.digits(forms, weight, w_bits, groups).l1max)
     route, out = routes.pick(cands, routes.tune_key(x, weight, stride, padding, dilation, groups, w_bits, a_bits),
                              lambda r: run_route(r, *args))
     routes.record(x, weight, groups, w_bits, a_bits, route)

@@ -130,30 +130,39 @@ def candidates(x_dtype: torch.dtype, w_bits: int, a_bits: int, zp: int, qmax: in
     """The routes that are exact for these operands, fastest-first by the fixed rules. `l1max()`:
     the weights' largest stacked-filter L1 norm, asked only when the sliced route is in question
     (it needs the digit pack). `geometry_ok`: onednn_geometry_ok of the convolution; `slices_ok`:
-    sliced_ok; `depthwise`: one input channel per group (the depthwise route exists);
-    `out_positions`: N * OH * OW. gemm, depthwise and float are exact everywhere. The order is the
-    one measured fastest in bench/quant_conv_space.py (docs/quant_conv.md): above 8 bits the
-    depthwise kernel first where it applies, and gemm ahead of sliced for a few output positions
-    (oneDNN's per-slice calls cost more than the products there)."""
-    out = []
+    sliced_ok; `depthwise`: one input channel per group (the depthwise route applies);
+    `out_positions`: N * OH * OW. gemm and float are exact everywhere, depthwise wherever it
+    applies. The order is the one measured fastest in bench/quant_conv_space.py
+    (docs/quant_conv.md): above 8 bits the depthwise kernel first where it applies, and gemm
+    ahead of sliced for a few output positions (oneDNN's per-slice calls cost more than the
+    products there)."""
     wide = not _single_slice(x_dtype, w_bits, a_bits)
-    if depthwise and wide:
-        out.append("depthwise")
+    out = ["depthwise"] if depthwise and wide else []
+    sliced = False
     if geometry_ok and _onednn_allowed():
         if not wide:
             out.append("direct")
         elif slices_ok:
             amax = max(max(z, digit_max(qmax, j) - z)
                        for j, z in enumerate(zero_point_digits(zp, act_slices(a_bits))))
-            if amax * l1max() < _EXACT_F32:
-                out.append("sliced")
-    if wide and out_positions <= _SMALL_M and out and out[-1] == "sliced":
-        out.insert(len(out) - 1, "gemm")
+            sliced = amax * l1max() < _EXACT_F32
+    if sliced:
+        out += ["gemm", "sliced"] if out_positions <= _SMALL_M else ["sliced", "gemm"]
     else:
         out.append("gemm")
     if depthwise and not wide:
         out.append("depthwise")
     return out + ["float"]
+
+
+def conv_candidates(x: Tensor, weight_shape, stride, padding, dilation, out_hw, w_bits: int, a_bits: int, zp: int,
+                    qmax: int, l1max) -> list:
+    """`candidates` for one convolution: its oneDNN geometry, slice safety, depthwise-ness and
+    output size, from the input, the weight's shape and the output's plane `out_hw`."""
+    kernel, cg = tuple(weight_shape[-2:]), weight_shape[1]
+    return candidates(x.dtype, w_bits, a_bits, zp, qmax, l1max,
+                      onednn_geometry_ok(x.shape[-2:], kernel, stride, padding, dilation, out_hw),
+                      sliced_ok(cg, stride), cg == 1, x.shape[0] * out_hw[0] * out_hw[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,12 +271,9 @@ def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, gr
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     _, _, zp, qmax = activation_params(x, a_bits, None if a_range is None else fixed_range(a_range))
     key = tune_key(x, weight, stride, padding, dilation, groups, w_bits, a_bits)
-    cands = candidates(x.dtype, w_bits, a_bits, int(zp.item()), qmax,
-                       lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max,
-                       onednn_geometry_ok(x.shape[-2:], weight.shape[-2:], stride, padding, dilation,
-                                          conv_out_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)),
-                       sliced_ok(weight.shape[1], stride), is_depthwise(x.shape[1], weight.shape[1], groups),
-                       out_positions(x, weight, stride, padding, dilation))
+    cands = conv_candidates(x, weight.shape, stride, padding, dilation,
+                            conv_out_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation), w_bits, a_bits,
+                            int(zp.item()), qmax, lambda: digits(WeightForms(None, weight), weight, w_bits, groups).l1max)
     if _forced() in cands:
         return _forced()
     if not measured or len(cands) == 1 or not autotune_enabled():
@@ -280,15 +286,6 @@ def cpu_route(x: Tensor, weight: Tensor, *, w_bits: int = 8, a_bits: int = 8, gr
         quant_conv2d(x, weight, None, stride, padding, dilation, groups, w_bits=w_bits, a_bits=a_bits,
                      a_range=a_range, backend="native")
     return calls[-1]["route"]
-
-
-def is_depthwise(channels: int, channels_per_group: int, groups: int) -> bool:
-    return channels_per_group == 1 and groups == channels
-
-
-def out_positions(x: Tensor, weight: Tensor, stride, padding, dilation) -> int:
-    oh, ow = conv_out_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    return x.shape[0] * oh * ow
 
 
 def _pair(v):
