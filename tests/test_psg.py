@@ -172,6 +172,7 @@ def test_nothing_uncertain_skips_the_exact_gradient(rng, monkeypatch):
 def test_exact_gradient_only_for_uncertain_rows(groups, rng, monkeypatch):
     """Output channels whose gradient is far below the threshold are the only rows computed exactly
     (padded per group to the same count); the result still equals the reference."""
+    monkeypatch.setenv("PYEFF_PSG_EXACT", "rows")
     calls = _counting_exact(monkeypatch)
     N, C, K = 3, 6, 9
     x = torch.randn(N, C, 7, 7, generator=rng)
@@ -209,6 +210,79 @@ def test_predictor_variants_on_the_cpu(xb, gb, rng, monkeypatch):
             got = psg_conv2d_weight_grad(x, g, ws, **kw, x_bits=xb, g_bits=gb, threshold=0.0)
             assert torch.equal(got[1], w == 0) and torch.equal(got[0][w != 0], w.float()[w != 0]), \
                 (align, chunk, step, quantiser)
+
+
+# ---- the exact step: whole rows or single entries ------------------------------------------------
+
+
+def _entries_backends():
+    backends = [("native", torch.ops.pyeff.psg_exact_entries)]
+    if psg._backend.available("triton", torch.device("cpu"))[0]:
+        from pyeff.kernels.psg import psg_exact_entries
+        backends.append(("triton", psg_exact_entries))
+    return backends
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_entries_kernels_match_reference(shape, dtype, rng):
+    """psg_exact_entries (C++, and Triton where it runs) at random subsets of entries, all of them
+    and none, against the float64 gradient within the summation-order bound."""
+    x, g, ws, kw = _case(shape, rng, dtype)
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    args = (list(ws), pair(kw["stride"]), pair(kw["padding"]), pair(kw["dilation"]), kw["groups"])
+    truth = torch.nn.grad.conv2d_weight(x.double(), ws, g.double(), **kw).flatten()
+    bound = _exact_bound(x, g, ws, kw).flatten()
+    total = truth.numel()
+    subsets = [torch.randperm(total, generator=rng)[:int(total * f)].sort().values for f in (0.05, 0.4)]
+    subsets += [torch.arange(total), torch.zeros(0, dtype=torch.long)]
+    for name, fn in _entries_backends():
+        for idx in subsets:
+            got = fn(x, g, idx, *args)
+            assert got.dtype == dtype and got.shape == idx.shape, name
+            assert bool(((got.double() - truth[idx]).abs() <= bound[idx]).all()), (name, idx.numel())
+    ref = psg.psg_exact_entries_reference(x, g, subsets[0], *args)
+    assert torch.equal(ref, torch.nn.grad.conv2d_weight(x, ws, g, **kw).flatten()[subsets[0]])
+
+
+@pytest.mark.parametrize("mode", ["entries", "rows"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_exact_modes_match_reference(mode, backend, rng, monkeypatch):
+    """Whichever exact step runs (forced), the result is the reference's; the trace says which."""
+    if not psg._backend.available(backend, torch.device("cpu"))[0]:
+        pytest.skip(f"{backend} does not run on this CPU (Triton needs TRITON_INTERPRET=1)")
+    monkeypatch.setenv("PYEFF_PSG_EXACT", mode)
+    for shape in SHAPES:
+        for dtype in (torch.float32, torch.float64):
+            x, g, ws, kw = _case(shape, rng, dtype)
+            thr = _quantile_threshold(_levels_pred(x, g, ws, kw, 4, 16), 0.1)
+            with psg.tracing() as trace:
+                got = psg_conv2d_weight_grad(x, g, ws, **kw, threshold=thr, backend=backend)
+            ref = psg_conv2d_weight_grad(x, g, ws, **kw, threshold=thr, backend="reference")
+            _check_against_reference(got, ref, x, g, ws, kw)
+            u = trace[0]["uncertain"]
+            assert u > 0
+            if mode == "entries":
+                assert trace[0]["exact_entries"] == u and trace[0]["exact_rows"] == 0
+            else:
+                assert trace[0]["exact_entries"] == 0 and trace[0]["exact_rows"] > 0
+
+
+def test_exact_step_rule(rng, monkeypatch):
+    """auto takes single entries when few are uncertain and whole rows when many are; a bad
+    PYEFF_PSG_EXACT is an error naming the variable."""
+    x, g, ws, kw = _case((4, 16, 16, 8, 8, 3, 1, 1, 1, 1), rng)
+    gp = _levels_pred(x, g, ws, kw, 4, 16)
+    for q, want in ((0.005, "entries"), (0.5, "rows")):
+        with psg.tracing() as trace:
+            _, unc = psg_conv2d_weight_grad(x, g, ws, **kw, threshold=_quantile_threshold(gp, q), backend="native")
+        t = trace[0]
+        assert (t["exact_entries"] > 0) == (want == "entries") and (t["exact_rows"] > 0) == (want == "rows"), t
+        rows = int(unc.flatten(1).any(1).sum())  # groups=1: the rows the GEMM would compute
+        assert (t["uncertain"] * psg.ENTRY_COST <= rows * math.prod(ws[1:])) == (want == "entries")
+    monkeypatch.setenv("PYEFF_PSG_EXACT", "some")
+    with pytest.raises(ValueError, match="PYEFF_PSG_EXACT='some'"):
+        psg_conv2d_weight_grad(x, g, ws, **kw, threshold=1e-3)
 
 
 def test_layouts_and_empty_batch(rng):
@@ -310,7 +384,6 @@ BAD = [
      "grad_out contains NaN or infinity"),
     ("backend unknown", dict(backend="foo"), ValueError, "unknown backend 'foo'"),
     ("backend not a string", dict(backend=3), TypeError, "backend must be a string"),
-    ("backend triton", dict(backend="triton"), RuntimeError, "backend 'triton' is not usable"),
 ]
 
 
@@ -326,8 +399,13 @@ def test_bad_input(what, kwargs, error, text, backend):
 
 
 def test_backend_from_environment(monkeypatch):
-    monkeypatch.setenv("PYEFF_BACKEND", "triton")  # no Triton kernel here: auto
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("PYEFF_BACKEND", "triton")  # Triton cannot run on the CPU uninterpreted: auto
     assert psg.resolve(torch.device("cpu"), "auto") == "native"
+    with pytest.raises(RuntimeError, match="backend 'triton' is not usable on cpu"):
+        psg.resolve(torch.device("cpu"), "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert psg.resolve(torch.device("cpu"), "auto") == "triton"
     monkeypatch.setenv("PYEFF_BACKEND_PSG_CONV2D_WEIGHT_GRAD", "reference")
     assert psg.resolve(torch.device("cpu"), None) == "reference"
     assert psg.resolve(torch.device("cpu"), "native") == "native"

@@ -346,9 +346,10 @@ def predictor(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilati
 
 
 def run_native(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilation, groups: int, x_bits: int,
-               g_bits: int, threshold: float):
+               g_bits: int, threshold: float, backend: str = "native"):
     K = weight_shape[0]
     Kg = K // groups
+    mode = exact_mode()
     if math.isinf(threshold):  # every entry uncertain: the exact gradient, nothing else
         for t, name in ((x, "x"), (grad_out, "grad_out")):  # the quantiser's NaN / infinity error all the same
             _check_finite(name, _minmax(t))
@@ -362,8 +363,16 @@ def run_native(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilat
     need = uncertain.view(groups, Kg, -1).any(2)  # [G, Kg]: rows with an uncertain entry
     per_group = need.sum(1)
     r = int(per_group.max())
-    exact_rows = 0
-    if r == Kg and bool((per_group == Kg).all()):  # every row: the full exact gradient
+    exact_rows = exact_entries = 0
+    row_len = math.prod(weight_shape[1:])
+    entries_fn = _entries_kernel(x.device, backend)
+    if r > 0 and entries_fn is not None and _use_entries(mode, int(uncertain.sum()),
+                                                         r * int((per_group > 0).sum()), row_len):
+        idx = uncertain.flatten().nonzero().flatten()  # ascending flat indices
+        grad.view(-1)[idx] = entries_fn(x, grad_out, idx, list(weight_shape), list(stride), list(padding),
+                                        list(dilation), groups)
+        exact_entries = idx.numel()
+    elif r == Kg and bool((per_group == Kg).all()):  # every row: the full exact gradient
         exact = exact_weight_grad(x, weight_shape, grad_out, stride, padding, dilation, groups)
         grad = torch.where(uncertain, exact, grad)
         exact_rows = K
@@ -378,15 +387,60 @@ def run_native(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilat
         exact = exact_weight_grad(xs, (A * r, *weight_shape[1:]), grad_out[:, idx], stride, padding, dilation, A)
         grad[idx] = torch.where(uncertain[idx], exact, grad[idx])
         exact_rows = A * r
-    _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, True)
+    _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, True, exact_entries)
     return grad, uncertain
 
 
-def _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, ran_predictor):
+# The exact step computes either whole rows of the weight gradient (one conv2d_weight GEMM on the
+# output channels holding an uncertain entry) or only the uncertain entries (psg_exact_entries: a
+# direct sum per entry from the NCHW tensors, no GEMM). Per multiply-add the GEMM is far more
+# efficient, so the entries kernel runs only when few entries are uncertain:
+#   uncertain entries * ENTRY_COST <= entries of the rows the GEMM would compute.
+# Measured on the 2-core Xeon (N=128, 3x3): an entry costs 15-50x its share of the full GEMM at 64
+# channels (16x16 and 8x8 planes) and 4-10x at 16 channels (32x32), so 32 keeps the entries kernel
+# to where it wins (at 1% uncertain: 4.1 ms against 16 ms for every row at 64 channels, 16x16).
+ENTRY_COST = 32
+EXACT_MODES = ("auto", "rows", "entries")
+
+
+def exact_mode() -> str:
+    """PYEFF_PSG_EXACT: auto (the cost rule above), rows (always whole rows) or entries (always the
+    entries kernel where the backend has one)."""
+    mode = (os.environ.get("PYEFF_PSG_EXACT") or "auto").lower()
+    if mode not in EXACT_MODES:
+        raise ValueError(f"PYEFF_PSG_EXACT={mode!r}: expected one of {', '.join(EXACT_MODES)}")
+    return mode
+
+
+def _use_entries(mode: str, uncertain: int, rows: int, row_len: int) -> bool:
+    if mode != "auto":
+        return mode == "entries"
+    return uncertain * ENTRY_COST <= rows * row_len
+
+
+def _entries_kernel(device: torch.device, backend: str):
+    """The psg_exact_entries kernel of a backend on a device, or None (then whole rows only)."""
+    if backend == "triton":
+        from pyeff.kernels.psg import psg_exact_entries
+        return psg_exact_entries
+    if _backend.available("native", device)[0] and hasattr(torch.ops.pyeff, "psg_exact_entries"):
+        return torch.ops.pyeff.psg_exact_entries
+    return None
+
+
+def psg_exact_entries_reference(x: Tensor, grad_out: Tensor, index: Tensor, weight_shape, stride, padding,
+                                dilation, groups: int) -> Tensor:
+    """What every psg_exact_entries kernel computes: the exact weight gradient at flat indices `index`."""
+    return exact_weight_grad(x, weight_shape, grad_out, stride, padding, dilation, groups).flatten()[index]
+
+
+def _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, ran_predictor,
+            exact_entries=0):
     if _TRACE is not None:
         _TRACE.append({"x": tuple(x.shape), "weight": tuple(weight_shape), "groups": groups, "x_bits": x_bits,
                        "g_bits": g_bits, "threshold": threshold, "uncertain": int(uncertain.sum()),
                        "entries": uncertain.numel(), "exact_rows": exact_rows, "rows": weight_shape[0],
+                       "exact_entries": exact_entries,
                        "predictor": ran_predictor})
 
 
@@ -395,26 +449,29 @@ def _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact
 
 
 def resolve(device: torch.device, backend) -> str:
-    """"native" (any CPU or CUDA tensor: the Python path around torch._int_mm needs no compiled pyeff
-    kernel) or "reference". PYEFF_BACKEND_PSG_CONV2D_WEIGHT_GRAD / PYEFF_BACKEND choose when
-    `backend` is auto; a global PYEFF_BACKEND=triton means auto here (there is no Triton kernel)."""
+    """"native" (CPU or CUDA: the predictor around torch._int_mm, the exact entries from pyeff's
+    compiled psg_exact_entries where it is built, else whole exact rows), "triton" (the same with the
+    Triton entries kernel: CUDA, or the CPU under TRITON_INTERPRET=1) or "reference".
+    PYEFF_BACKEND_PSG_CONV2D_WEIGHT_GRAD / PYEFF_BACKEND choose when `backend` is auto."""
     choice = backend
     if choice in (None, "", "auto"):
         choice = os.environ.get(f"PYEFF_BACKEND_{OP.upper()}")
-        if not choice:
+        if not choice:  # a global PYEFF_BACKEND=triton means auto where Triton cannot run
             choice = os.environ.get("PYEFF_BACKEND")
-            if choice and choice.lower() == "triton":
+            if choice and choice.lower() == "triton" and not _backend.available("triton", device)[0]:
                 choice = None
     choice = (choice or "auto").lower()
     if choice not in _backend.BACKENDS:
-        raise ValueError(f"pyeff.ops.{OP}: unknown backend {choice!r}; expected one of auto, native, reference")
-    if choice == "triton":
-        raise RuntimeError(f"pyeff.ops.{OP}: backend 'triton' is not usable: this op has no Triton kernel (its "
-                           "GEMM is torch._int_mm); use 'native' or 'reference'")
-    if choice == "native" and device.type not in DEVICES:
-        raise RuntimeError(f"pyeff.ops.{OP}: backend 'native' is not usable on {device}: it needs a CPU or CUDA "
+        raise ValueError(f"pyeff.ops.{OP}: unknown backend {choice!r}; expected one of auto, native, triton, "
+                         "reference")
+    if choice in ("native", "triton") and device.type not in DEVICES:
+        raise RuntimeError(f"pyeff.ops.{OP}: backend {choice!r} is not usable on {device}: it needs a CPU or CUDA "
                            "tensor (torch._int_mm)")
-    if choice == "auto":
+    if choice == "triton":
+        ok, why = _backend.available("triton", device)
+        if not ok:
+            raise RuntimeError(f"pyeff.ops.{OP}: backend 'triton' is not usable on {device}: {why}")
+    if choice == "auto":  # measured: the C++ / CUDA entries kernel (or whole rows) ahead of Triton's
         return "native" if device.type in DEVICES else "reference"
     return choice
 
@@ -425,7 +482,8 @@ def run(x, grad_out, weight_shape, stride, padding, dilation, groups, x_bits, g_
     if backend == "reference":
         return psg_conv2d_weight_grad_reference(x, grad_out, weight_shape, stride, padding, dilation, groups,
                                                 x_bits=x_bits, g_bits=g_bits, threshold=threshold)
-    return run_native(x, grad_out, weight_shape, stride, padding, dilation, groups, x_bits, g_bits, threshold)
+    return run_native(x, grad_out, weight_shape, stride, padding, dilation, groups, x_bits, g_bits, threshold,
+                      backend)
 
 
 @torch.library.custom_op(f"pyeff::{OP}", mutates_args=())
@@ -486,11 +544,14 @@ def psg_conv2d_weight_grad(x: Tensor, grad_out: Tensor, weight_shape: Sequence[i
         groups: divides C and K.
         x_bits, g_bits: 2-16 (the paper: 4 and 16).
         threshold: >= 0, inf allowed (0: the predictor everywhere except its zeros; inf: exact everywhere).
-        backend: "auto", "native" or "reference" (PYEFF_BACKEND_PSG_CONV2D_WEIGHT_GRAD / PYEFF_BACKEND).
+        backend: "auto", "native", "triton" or "reference" (PYEFF_BACKEND_PSG_CONV2D_WEIGHT_GRAD /
+            PYEFF_BACKEND).
 
     Returns (grad_weight [K, C/groups, kh, kw] in x's dtype, uncertain: bool of the same shape).
-    The native backend computes the predictor with int8 GEMMs (torch._int_mm) and the exact gradient
-    only for the output channels holding an uncertain entry.
+    The native and triton backends compute the predictor with int8 GEMMs (torch._int_mm), then the
+    exact values either for the output channels holding an uncertain entry (one GEMM) or, when few
+    entries are uncertain, for those entries alone (the psg_exact_entries kernel: C++ / CUDA, or
+    Triton); PYEFF_PSG_EXACT=rows|entries forces one.
 
     Example:
         >>> x, g = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8) * 1e-3
