@@ -10,8 +10,9 @@
    number is in the results' meta). Shapes: N=128, C=K=64, 16x16, 3x3 (ResNet-20's third stage on
    64x64 images) and, without --quick, ResNet-20's own 16/32/64 channels at 32/16/8 px (32x32
    images). At each threshold (the paper's 5e-5, one 10x smaller and one 10x larger) the row
-   reports the uncertain fraction of the weight-gradient entries and the fraction of its rows
-   (output channels) the exact gradient was computed for. "PSG conv fwd+bwd" is what a PSG conv
+   reports the uncertain fraction of the weight-gradient entries, the fraction of its rows
+   (output channels) the exact gradient was computed for, and the exact step the op chose
+   (whole rows by GEMM, single entries, or none). "PSG conv fwd+bwd" is what a PSG conv
    layer does: F.conv2d forward, the float input gradient, the PSG weight gradient. A
    `pyeff.nn.PSGConv2d` row runs where that layer exists.
 2. SLU (selective layer update): one training step (forward, cross-entropy, backward, SGD step)
@@ -154,7 +155,8 @@ def bench_psg(quick: bool, notes: list) -> tuple[list, dict]:
                 gw, unc = psg_conv2d_weight_grad(x, g, ws, **kw, threshold=t)
             c = calls[-1]
             sign_ok = float((gw.sign() == exact.sign()).float().mean())
-            stats[t] = (c["uncertain"] / c["entries"], c["exact_rows"] / c["rows"], sign_ok)
+            stats[t] = (c["uncertain"] / c["entries"], c["exact_rows"] / c["rows"], sign_ok,
+                        "entries" if c["exact_entries"] else ("rows" if c["exact_rows"] else "none"))
         if PSGConv2d is not None:
             try:
                 layer = PSGConv2d(ws[1] * kw["groups"], ws[0], ws[2:], bias=False, **kw)
@@ -178,10 +180,11 @@ def bench_psg(quick: bool, notes: list) -> tuple[list, dict]:
         gmag = float(g.abs().mean())
         for name, sec in med.items():
             t = next((t for t in THRESHOLDS if name.endswith(f"@ {t:g}")), None)
-            unc, rows_exact, sign_ok = stats[t] if t is not None else ("", "", "")
+            unc, rows_exact, sign_ok, how = stats[t] if t is not None else ("", "", "", "")
             row = {"part": "PSG", "shape": label, "variant": name, "ms": 1e3 * sec,
                    "uncertain %": 100 * unc if t is not None else "",
                    "exact rows %": 100 * rows_exact if t is not None else "",
+                   "exact step": how,
                    "sign agrees %": 100 * sign_ok if t is not None else "",
                    "x vs dense conv2d_weight": t_wg / sec, "x vs dense conv fwd+bwd": t_fb / sec,
                    "|grad_out| mean": gmag}

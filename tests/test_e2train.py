@@ -10,6 +10,7 @@ from torch import nn
 
 from pyeff.e2train import E2Train, EnergyHook, SLUConfig, SMDHook, format_energy_table
 from pyeff.energy import EnergyModel
+from pyeff.ops import psg as psg_ops
 from pyeff.models import create_model
 from pyeff.nn import PSGConv2d, PSGSignHook, QuantConv2d, psg_
 from pyeff.ops.psg import psg_conv2d_weight_grad
@@ -63,12 +64,15 @@ def test_psg_weight_grad_is_the_ops_output(threshold):
     x = torch.randn(3, 3, 8, 8, requires_grad=True)
     y = p(x)
     g = torch.randn_like(y) * 1e-3
-    y.backward(g)
+    with psg_ops.tracing() as trace:
+        y.backward(g)
     gw, unc = psg_conv2d_weight_grad(x.detach(), g, tuple(p.weight.shape), 1, 1, threshold=threshold)
     torch.testing.assert_close(p.weight.grad, gw, rtol=0, atol=0)
     e = p.psg_log[-1]
     assert e["uncertain"] == int(unc.sum()) and e["entries"] == unc.numel() and e["rows"] == 6
-    assert e["exact_rows"] == int(unc.view(6, -1).any(1).sum()) and e["predictor"]
+    # the layer's record of the exact step is what the op did (rows, or single entries)
+    assert (e["exact_rows"], e["exact_entries"]) == (trace[-1]["exact_rows"], trace[-1]["exact_entries"])
+    assert e["predictor"]
     assert p.uncertain_fraction == pytest.approx(int(unc.sum()) / unc.numel())
 
 
@@ -158,11 +162,23 @@ def test_every_combination_trains_and_fills_the_account(runs):
         assert math.isfinite(last["train_loss"]), (smd, slu, psg)
         acct = e2.energy_hook.account
         assert acct.energy_j() > 0 and last["energy_j"] == pytest.approx(acct.energy_j())
-        assert set(acct.phases) >= {"forward", "backward", "predictor", "exact_rows", "skipped"}
+        assert set(acct.phases) >= {"forward", "backward", "predictor", "exact", "skipped"}
         assert acct.energy_j("skipped") == 0
         assert last["energy_kept_batches"] + last["energy_dropped_batches"] == N_TRAIN // B
         assert (acct.macs("predictor") != {}) == psg
         assert "| total |" in format_energy_table(acct.table())
+
+
+@pytest.mark.parametrize("mode", ["rows", "entries"])
+def test_exact_macs_are_what_the_op_computed(mode, digits, tmp_path, monkeypatch):
+    """The account's exact phase charges what the PSG op's exact step ran: whole rows (the layer's
+    MACs x exact rows / rows) or single entries (N*OH*OW each), read back from the op's trace."""
+    monkeypatch.setenv("PYEFF_PSG_EXACT", mode)
+    with psg_ops.tracing() as trace:
+        e2, _, _ = _run(digits, tmp_path, False, False, {"threshold": 1e-4})
+    assert trace and any(c[f"exact_{mode}"] for c in trace)
+    want = sum((c["exact_rows"] * math.prod(c["weight"][1:]) + c["exact_entries"]) * c["positions"] for c in trace)
+    assert e2.energy_hook.account.macs("exact")["fp32"] == want
 
 
 def test_account_values_derived_independently(runs):
@@ -183,7 +199,7 @@ def test_account_values_derived_independently(runs):
         assert acct.macs("forward") == {"int8": n * convs, "fp32": n * lin}
         assert acct.macs("backward") == {"fp32": n * (convs - stem + 2 * lin)}
         assert acct.macs("predictor") == {"int4x16": n * convs}
-        assert 0 < acct.macs("exact_rows")["fp32"] <= n * convs
+        assert 0 < acct.macs("exact")["fp32"] <= n * convs
         em = EnergyModel()
         assert acct.energy_j("predictor") == pytest.approx(n * convs * em.mac_pj_at((4, 16)) * 1e-12)
 

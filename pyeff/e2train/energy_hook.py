@@ -14,8 +14,9 @@ optimizer and SLU's LSTM cell are not counted; no memory accesses are counted):
               gradient is counted here (fp32); its weight gradient is not.
   predictor   PSG's weight-gradient predictor: the layer's MACs at x_bits x g_bits (e.g. "int4x16");
               none at threshold=inf (the op then skips it).
-  exact_rows  PSG's full-precision weight gradient on the output channels holding an uncertain entry:
-              the layer's MACs x exact_rows / rows, "fp32".
+  exact       PSG's full-precision weight gradient, as the op computed it: the output channels holding
+              an uncertain entry (the layer's MACs x exact_rows / rows) or, when few entries are
+              uncertain, those entries alone (exact_entries x N*OH*OW), "fp32".
   skipped     the batches SMD dropped: no MACs and no time (a dropped batch runs nothing); kept so
               that the table shows the phase.
 Rows are counted at each layer's forward pre-hook, so SLU's routed blocks are charged for the samples
@@ -41,7 +42,7 @@ from pyeff.dynamic.cost import module_flops
 from pyeff.energy import EnergyAccount, EnergyModel
 from pyeff.train.hooks import Hook
 
-PHASES = ("forward", "backward", "predictor", "exact_rows", "skipped")
+PHASES = ("forward", "backward", "predictor", "exact", "skipped")
 
 
 def _twin(m: nn.Module):
@@ -170,7 +171,8 @@ class EnergyHook(Hook):
                         k = e["samples"] * self._macs(m, shape)
                         if e["predictor"]:
                             acct.add_macs("predictor", k, (m.x_bits, m.g_bits))
-                        acct.add_macs("exact_rows", k * e["exact_rows"] // e["rows"], "fp32")
+                        acct.add_macs("exact", k * e["exact_rows"] // e["rows"] + e["exact_entries"] * e["positions"],
+                                      "fp32")
                         psg_seconds += e["seconds"]
                     m.psg_log.clear()
             else:

@@ -11,10 +11,11 @@ A PSGConv2d is an nn.Conv2d whose
     (the paper keeps input gradients exact);
   * weight gradient is pyeff.ops.psg_conv2d_weight_grad(x, grad_out, ...): a predictor from x at
     `x_bits` and grad_out at `g_bits`, trusted where |g_pred| > threshold, the full-precision value
-    elsewhere (computed only for the output channels holding an uncertain entry). x is the layer's
-    float input (the same tensor the forward quantises).
-Every backward appends what ran to `layer.psg_log` (dicts: rows N*OH*OW -> `samples`, `uncertain`,
-`entries`, `exact_rows`, `rows`, `predictor`, `seconds`) and adds to `layer.psg_totals`; the
+    elsewhere (computed for the output channels holding an uncertain entry, or, when few entries
+    are uncertain, for those entries alone). x is the layer's float input (the same tensor the
+    forward quantises).
+Every backward appends what ran to `layer.psg_log` (dicts: `samples`, `positions` N*OH*OW,
+`uncertain`, `entries`, `exact_rows`, `exact_entries`, `rows`, `predictor`, `seconds`) and adds to `layer.psg_totals`; the
 energy-account hook (pyeff.e2train.energy_hook) drains the log. `uncertain_fraction` is the last
 backward's share of uncertain entries.
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from pyeff.nn.quant import QuantConv2d, _bits, _padded
 from pyeff.ops.packs import packs_of
+from pyeff.ops import psg as psg_op
 from pyeff.ops.psg import psg_conv2d_weight_grad
 from pyeff.ops.quant_conv import quant_conv2d
 from pyeff.train.hooks import Hook
@@ -105,7 +107,7 @@ class PSGConv2d(QuantConv2d):
         self.g_bits = check_psg_bits("g_bits", g_bits, "pyeff.nn.PSGConv2d")
         self.threshold = check_threshold(threshold, "pyeff.nn.PSGConv2d")
         self.psg_log: list = []
-        self.psg_totals = {"calls": 0, "uncertain": 0, "entries": 0, "exact_rows": 0, "rows": 0}
+        self.psg_totals = {"calls": 0, "uncertain": 0, "entries": 0, "exact_rows": 0, "exact_entries": 0, "rows": 0}
         self.uncertain_fraction = float("nan")
 
     @classmethod
@@ -125,11 +127,13 @@ class PSGConv2d(QuantConv2d):
     def _record(self, x: Tensor, uncertain: Tensor, seconds: float, grad_out: Tensor) -> None:
         K = uncertain.shape[0]
         n_unc = int(uncertain.sum())
-        exact_rows = int(uncertain.view(K, -1).any(1).sum())
         predictor = not math.isinf(self.threshold)
+        # what the op's exact step computed: whole rows, or (few uncertain) single entries
+        exact_rows, exact_entries = (psg_op.exact_work(uncertain, self.groups, x.device, self.backend) if predictor
+                                     else (K, 0))
         entry = {"samples": int(x.shape[0]), "positions": int(grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]),
-                 "uncertain": n_unc, "entries": uncertain.numel(), "exact_rows": exact_rows, "rows": K,
-                 "predictor": predictor, "seconds": seconds}
+                 "uncertain": n_unc, "entries": uncertain.numel(), "exact_rows": exact_rows,
+                 "exact_entries": exact_entries, "rows": K, "predictor": predictor, "seconds": seconds}
         self.psg_log.append(entry)
         if len(self.psg_log) > 10000:  # nobody drains it: keep memory bounded
             del self.psg_log[:5000]
@@ -138,6 +142,7 @@ class PSGConv2d(QuantConv2d):
         t["uncertain"] += n_unc
         t["entries"] += entry["entries"]
         t["exact_rows"] += exact_rows
+        t["exact_entries"] += exact_entries
         t["rows"] += K
         self.uncertain_fraction = n_unc / max(1, entry["entries"])
 

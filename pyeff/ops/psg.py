@@ -25,9 +25,9 @@ both scale it by the same float64 product sx * sg, so `uncertain` and the predic
 bit for bit. The exact entries agree up to the float rounding of conv2d_weight's summation order
 (the native backend computes them on a subset of the output channels).
 
-Native backend (CPU and CUDA; plain PyTorch around torch._int_mm; the levels come from pyeff's
-compiled fake_quant_minmax / fake_quant_apply where they are built, else from the same expression
-in PyTorch). The batch runs in steps of about STEP output positions, each step:
+Native and triton backends (CPU and CUDA; plain PyTorch around torch._int_mm, plus an entries
+kernel; the levels come from pyeff's compiled fake_quant_minmax / fake_quant_apply where they are
+built, else from the same expression in PyTorch). The batch runs in steps of about STEP output positions, each step:
   1. quantise x to int8 levels in NHWC order (x_bits > 8: two int8 byte digits) and im2col them in
      int8 (columns ordered (kh, kw, c) per group; padding writes the digits of 0);
   2. quantise grad_out to levels laid out [K, N*OH*OW]; above 8 bits as two int8 digits
@@ -37,19 +37,22 @@ in PyTorch). The batch runs in steps of about STEP output positions, each step:
   3. one torch._int_mm (int8 x int8 -> int32) per group and reduction chunk of at most 131064
      positions (|digit products| <= 2^14, so no chunk overflows int32); summed in int64.
 Then the digits and offsets are combined in int64, scaled in float64, and
-  4. the exact gradient only for the output channels (rows of the weight gradient) holding an
-     uncertain entry: one conv2d_weight on grad_out[:, rows] (per group, rows padded to the same
-     count so that one grouped call serves every group that needs any); none at all when nothing
-     is uncertain. threshold=inf skips the predictor (every entry is uncertain).
+  4. the exact values, one of two ways (see ENTRY_COST): whole rows, one conv2d_weight on
+     grad_out[:, rows] for the output channels holding an uncertain entry (per group, rows padded
+     to the same count so that one grouped call serves every group that needs any); or single
+     entries, pyeff::psg_exact_entries on the uncertain flat indices alone (C++ / CUDA kernel for
+     "native", Triton for "triton"). None at all when nothing is uncertain; threshold=inf skips
+     the predictor (every entry is uncertain).
 On CUDA torch._int_mm needs more than 16 rows and a reduction and column count that are multiples
 of 8: both operands are zero-padded (as pyeff.ops.quant_conv.native.int8_gemm does). The CUDA
 path is the same Python code; its padded layout is tested on the CPU (gemm_alignment), and it
-has not run on a GPU yet (none on the development machines).
+(with the CUDA entries kernel) has not run on a GPU yet (none on the development machines).
 
 What is saved: the exact weight gradient costs one float GEMM of K x (C/groups * kh * kw) x
 N*OH*OW; the predictor is an int8 GEMM of (slices_g * K + 1) x (slices_x * C/groups * kh * kw) x
-N*OH*OW, and the exact GEMM then runs on the uncertain rows only. The saving is real when whole
-rows are certain; where uncertain entries are scattered over every row (measured at threshold 5e-5
+N*OH*OW, and the exact GEMM then runs on the uncertain rows only (or, when few entries are
+uncertain, a sum per entry). The saving is real when whole rows are certain or few entries are
+uncertain; where uncertain entries are many and scattered over every row (measured at threshold 5e-5
 for a 3x3 conv at realistic gradient scale: 7% of the entries, every row; docs/ops.md), every row
 runs exactly and the predictor is extra work, as costly on an AMX CPU as oneDNN's fp32 weight
 gradient. No autograd: the op computes a gradient.
@@ -147,8 +150,9 @@ _TRACE = None
 class tracing:
     """Context manager: `with tracing() as calls:` appends one dict per native call made inside:
     shapes, bits, threshold, `uncertain` (entries), `entries`, `exact_rows` (output channels whose
-    exact gradient was computed, including rows that pad a group), `rows` (K), `predictor` (whether
-    the predictor ran; not at threshold=inf)."""
+    exact gradient was computed, including rows that pad a group), `exact_entries` (entries
+    computed singly instead), `positions` (N*OH*OW), `rows` (K), `predictor` (whether the predictor
+    ran; not at threshold=inf)."""
 
     def __enter__(self):
         global _TRACE
@@ -355,28 +359,20 @@ def run_native(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilat
             _check_finite(name, _minmax(t))
         uncertain = torch.ones(tuple(weight_shape), dtype=torch.bool, device=x.device)
         grad = exact_weight_grad(x, weight_shape, grad_out, stride, padding, dilation, groups)
-        _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, K, False)
+        _record(x, grad_out, weight_shape, groups, x_bits, g_bits, threshold, uncertain, K, False)
         return grad, uncertain
     g_pred = predictor(x, grad_out, weight_shape, stride, padding, dilation, groups, x_bits, g_bits)
     uncertain = g_pred.abs() <= threshold
     grad = g_pred.to(x.dtype)
-    need = uncertain.view(groups, Kg, -1).any(2)  # [G, Kg]: rows with an uncertain entry
-    per_group = need.sum(1)
-    r = int(per_group.max())
-    exact_rows = exact_entries = 0
-    row_len = math.prod(weight_shape[1:])
-    entries_fn = _entries_kernel(x.device, backend)
-    if r > 0 and entries_fn is not None and _use_entries(mode, int(uncertain.sum()),
-                                                         r * int((per_group > 0).sum()), row_len):
+    need, per_group, r, exact_rows, exact_entries = _plan(uncertain, groups, x.device, backend, mode)
+    if exact_entries:
         idx = uncertain.flatten().nonzero().flatten()  # ascending flat indices
-        grad.view(-1)[idx] = entries_fn(x, grad_out, idx, list(weight_shape), list(stride), list(padding),
-                                        list(dilation), groups)
-        exact_entries = idx.numel()
-    elif r == Kg and bool((per_group == Kg).all()):  # every row: the full exact gradient
+        grad.view(-1)[idx] = _entries_kernel(x.device, backend)(x, grad_out, idx, list(weight_shape), list(stride),
+                                                                list(padding), list(dilation), groups)
+    elif exact_rows == K:  # every row: the full exact gradient
         exact = exact_weight_grad(x, weight_shape, grad_out, stride, padding, dilation, groups)
         grad = torch.where(uncertain, exact, grad)
-        exact_rows = K
-    elif r > 0:
+    elif exact_rows:
         active = per_group.nonzero().flatten()  # groups with a row to compute
         A = active.numel()
         # per active group its needed rows first, filled up to r with others of the group
@@ -386,8 +382,7 @@ def run_native(x: Tensor, grad_out: Tensor, weight_shape, stride, padding, dilat
         xs = x if A == groups else x.unflatten(1, (groups, Cg))[:, active].flatten(1, 2)
         exact = exact_weight_grad(xs, (A * r, *weight_shape[1:]), grad_out[:, idx], stride, padding, dilation, A)
         grad[idx] = torch.where(uncertain[idx], exact, grad[idx])
-        exact_rows = A * r
-    _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, True, exact_entries)
+    _record(x, grad_out, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, True, exact_entries)
     return grad, uncertain
 
 
@@ -412,6 +407,32 @@ def exact_mode() -> str:
     return mode
 
 
+def _plan(uncertain: Tensor, groups: int, device: torch.device, backend: str, mode: str):
+    """How the exact step handles an uncertain mask: (need [G, Kg] rows with an uncertain entry,
+    their count per group, the most in a group r, exact_rows, exact_entries); one of the last two
+    is 0. Rows are padded per group to r, so exact_rows = r x groups holding any."""
+    K = uncertain.shape[0]
+    need = uncertain.view(groups, K // groups, -1).any(2)
+    per_group = need.sum(1)
+    r = int(per_group.max())
+    if r == 0:
+        return need, per_group, 0, 0, 0
+    rows = r * int((per_group > 0).sum())
+    u = int(uncertain.sum())
+    if _entries_kernel(device, backend) is not None and _use_entries(mode, u, rows, uncertain[0].numel()):
+        return need, per_group, r, 0, u
+    return need, per_group, r, rows, 0
+
+
+def exact_work(uncertain: Tensor, groups: int, device: torch.device, backend=None) -> tuple[int, int]:
+    """(exact_rows, exact_entries): what the op's exact step computes for this uncertain mask on
+    `device` with `backend` (the same rule the op applies; for layers that account for their work)."""
+    b = resolve(device, backend)
+    if b == "reference":
+        return uncertain.shape[0], 0
+    return _plan(uncertain, groups, device, b, exact_mode())[3:]
+
+
 def _use_entries(mode: str, uncertain: int, rows: int, row_len: int) -> bool:
     if mode != "auto":
         return mode == "entries"
@@ -434,13 +455,13 @@ def psg_exact_entries_reference(x: Tensor, grad_out: Tensor, index: Tensor, weig
     return exact_weight_grad(x, weight_shape, grad_out, stride, padding, dilation, groups).flatten()[index]
 
 
-def _record(x, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, ran_predictor,
+def _record(x, grad_out, weight_shape, groups, x_bits, g_bits, threshold, uncertain, exact_rows, ran_predictor,
             exact_entries=0):
     if _TRACE is not None:
         _TRACE.append({"x": tuple(x.shape), "weight": tuple(weight_shape), "groups": groups, "x_bits": x_bits,
                        "g_bits": g_bits, "threshold": threshold, "uncertain": int(uncertain.sum()),
                        "entries": uncertain.numel(), "exact_rows": exact_rows, "rows": weight_shape[0],
-                       "exact_entries": exact_entries,
+                       "exact_entries": exact_entries, "positions": grad_out.shape[0] * grad_out[0, 0].numel(),
                        "predictor": ran_predictor})
 
 
