@@ -353,7 +353,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
         rows += part_rows
         meta.update(part_meta)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    columns = ["part", "shape", "variant", "ms", "uncertain %", "exact rows %", "sign agrees %",
+    columns = ["part", "shape", "variant", "ms", "uncertain %", "exact rows %", "exact step", "sign agrees %",
                "x vs dense conv2d_weight", "x vs dense conv fwd+bwd", "blocks run %", "batches computed %",
                "x dense NCHW time", "x best dense time", "time per computed batch vs dense", "target"]
     notes = ["Targets (the issue's): PSG weight gradient >= 1.3x faster than the dense fp32 conv forward+backward "
@@ -362,7 +362,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
              "and channels_last); SMD epoch at p=0.5 <= 0.55x the dense epoch.",
              "PSG: 'x vs ...' is a speed-up (higher is better); uncertain % = weight-gradient entries with "
              "|g_pred| <= threshold; exact rows % = output channels whose exact gradient was computed (a row with "
-             "any uncertain entry); sign agrees % = entries whose sign equals the exact gradient's. "
+             "any uncertain entry, when the op computed whole rows); exact step = how the op computed the exact "
+             "values (whole rows by GEMM, single entries by psg_exact_entries, or none); sign agrees % = entries "
+             "whose sign equals the exact gradient's. "
              "SLU and SMD: 'x ... time' is a time ratio (lower is better); blocks run % counts the first block, "
              "which always runs."] + notes
     harness.write_results("e2train", "E2-Train: PSG, SLU and SMD against dense training (CPU)", rows, columns,

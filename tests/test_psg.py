@@ -241,6 +241,7 @@ def test_exact_entries_kernels_match_reference(shape, dtype, rng):
             got = fn(x, g, idx, *args)
             assert got.dtype == dtype and got.shape == idx.shape, name
             assert bool(((got.double() - truth[idx]).abs() <= bound[idx]).all()), (name, idx.numel())
+    torch.library.opcheck(torch.ops.pyeff.psg_exact_entries.default, (x, g, subsets[0], *args))
     ref = psg.psg_exact_entries_reference(x, g, subsets[0], *args)
     assert torch.equal(ref, torch.nn.grad.conv2d_weight(x, ws, g, **kw).flatten()[subsets[0]])
 

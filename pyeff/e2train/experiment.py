@@ -12,7 +12,7 @@ Rows:
                 computation).
 
 Energy. Each E2-Train run's energy is the EnergyHook's account of what it executed (conv / linear MACs
-of forward, backward, PSG's predictor and exact rows, priced by the default EnergyModel, 45 nm). The
+of forward, backward, PSG's predictor and exact step, priced by the default EnergyModel, 45 nm). The
 cached baseline has no account, so its dense training energy is computed with the same counting rules:
 one forward + backward of the dense network through an EnergyHook gives its energy per training sample
 (forward, input gradient except for the stem's input, weight gradient), times the training images per
@@ -167,7 +167,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", configs=None
              "accesses are not counted), priced by pyeff.energy.EnergyModel() (45 nm, Horowitz). E2-Train rows: "
              "the EnergyHook's account of what ran (dropped batches cost nothing; SLU's skipped blocks cost nothing "
              "for the samples that skipped them; PSG's forward at 8 bits, its predictor at 4x16 bits, its exact "
-             "rows in fp32). The dense row: the same rules applied analytically (one forward + backward of the "
+             "values in fp32, whole rows or single entries as the op computed them). The dense row: the same rules applied analytically (one forward + backward of the "
              "dense network through an EnergyHook, times training images x epochs), because the cached "
              "baseline carries no account. 'training s': the Trainer's measured epoch times (evaluation "
              "excluded); the dense row's is one re-measured dense epoch on this machine x the baseline's epochs, "

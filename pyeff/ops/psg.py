@@ -65,6 +65,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
+from pyeff import _extension
 from pyeff.ops import _backend
 from pyeff.ops._checks import check_backend, check_bits, check_same_device, check_tensor
 from pyeff.ops._shapes import conv_out_hw
@@ -447,6 +448,12 @@ def _entries_kernel(device: torch.device, backend: str):
     if _backend.available("native", device)[0] and hasattr(torch.ops.pyeff, "psg_exact_entries"):
         return torch.ops.pyeff.psg_exact_entries
     return None
+
+
+if _extension.loaded() and hasattr(torch.ops.pyeff, "psg_exact_entries"):
+    @torch.library.register_fake("pyeff::psg_exact_entries")
+    def _(x, grad_out, index, weight_shape, stride, padding, dilation, groups):
+        return x.new_empty((index.shape[0],))
 
 
 def psg_exact_entries_reference(x: Tensor, grad_out: Tensor, index: Tensor, weight_shape, stride, padding,
