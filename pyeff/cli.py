@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": "pyeff.bench",
     "dfs": "pyeff.dfs.cli",
     "ddi": "pyeff.ddi.cli",
+    "e2train": "pyeff.e2train.cli",
 }
 
 

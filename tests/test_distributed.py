@@ -214,6 +214,26 @@ def test_torchrun_ddi(tmp_path, mode):
         assert "cost 100.0%" not in p.stdout  # blocks were skipped: the case under test happened
 
 
+def test_torchrun_e2train(tmp_path):
+    """`pyeff e2train train` with all three levels under torchrun: SMD drops the same batches on
+    both ranks, SLU's routed blocks train with DDP (find_unused_parameters), PSG's sign step acts
+    on the averaged gradient; rank 0 alone prints the energy table and writes e2train.pt."""
+    from pyeff.e2train.cli import load_e2train
+
+    out = tmp_path / "e2"
+    p = torchrun(tmp_path, "e2train", "train", *TINY_RUN, "--epochs", "1", "--no-stretch", "--psg-threshold", "1e-4",
+                 "--out", str(out))
+    assert p.stdout.count("E2-Train resnet20 on digits") == 1, p.stdout
+    assert p.stdout.count("| total |") == 1, p.stdout
+    ck = train.load_checkpoint(out / "checkpoint.pt")
+    assert ck["world_size"] == 2
+    model, saved = load_e2train(str(out / "e2train.pt"))
+    assert saved["settings"]["smd"] and saved["settings"]["slu"] and saved["settings"]["psg"]
+    last = saved["history"][-1]
+    assert last["energy_kept_batches"] + last["energy_dropped_batches"] == 4  # the 4 steps of the epoch
+    assert last["energy_j"] > 0
+
+
 FAILING_RANK = """
 import pyeff.train as train
 from pyeff.train import distributed

@@ -9,7 +9,8 @@ FLOPs, energy or measured latency. Only what is chosen runs at inference.
 See docs/ddi.md.
 """
 from pyeff.ddi.block import DDIBlock
-from pyeff.ddi.config import DDIConfig, EnergyModel
+from pyeff.ddi.config import DDIConfig
+from pyeff.energy import EnergyModel
 from pyeff.ddi.costs import BlockCost, CostTable, build_table
 from pyeff.ddi.model import DDINet, ExitHead, convert
 

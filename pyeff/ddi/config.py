@@ -8,33 +8,11 @@ from typing import Tuple
 
 from pyeff.config import Config
 from pyeff.dynamic.net import TRAIN_MODES
+from pyeff.energy import EnergyModel  # the shared unit-cost table; still importable from here
 
 UNITS = ("flops", "energy", "latency")
 CHANNEL_MODES = ("mask", "width")
 DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
-
-
-@dataclass
-class EnergyModel(Config):
-    """Energy per operation in pJ. Defaults: 45 nm figures (Horowitz, ISSCC 2014): a float32
-    multiply (3.7 pJ) plus add (0.9 pJ) per MAC, and a 32-bit word of an 8 KB SRAM (~5 pJ) per
-    activation read or written and per weight read (weights are assumed to stream from on-chip
-    SRAM once per sample). Pass your accelerator's numbers for its tables.
-
-    mac_pj: energy of one multiply-accumulate, pJ.
-    act_pj: energy of reading or writing one activation, pJ.
-    weight_pj: energy of reading one weight, pJ.
-    """
-    mac_pj: float = 4.6
-    act_pj: float = 5.0
-    weight_pj: float = 5.0
-
-    def validate(self) -> "EnergyModel":
-        for name in ("mac_pj", "act_pj", "weight_pj"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
-                raise ValueError(f"pyeff.ddi: EnergyModel.{name} must be a number of pJ >= 0, got {v!r}")
-        return self
 
 
 def check_widths(widths) -> tuple:

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pyeff.ddi.config import UNITS, EnergyModel
+from pyeff.ddi.config import UNITS
+from pyeff.energy import EnergyModel
 
 UNIT_LABELS = {"flops": "FLOPs / sample", "energy": "pJ / sample", "latency": "ms / sample"}
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.ddi.block import DDIBlock
-from pyeff.ddi.config import DDIConfig, EnergyModel
+from pyeff.ddi.config import DDIConfig
+from pyeff.energy import EnergyModel
 from pyeff.ddi.costs import CostTable, build_table
 from pyeff.dynamic import straight_through
 from pyeff.dynamic.net import Controller, DynamicNet
@@ -368,12 +369,17 @@ class DDINet(DynamicNet):
         return head(h)
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x: Tensor):
-        self._check_input(x)
+    def _check_input_size(self, x: Tensor) -> None:
+        """The cost table's per-layer costs hold for inputs of `input_size` only (a subclass whose
+        costs do not depend on the input size, E2-Train's SLU, accepts any)."""
         if tuple(x.shape[1:]) != self.input_size:
             raise ValueError(f"pyeff.ddi: this net's cost table is for inputs of size {self.input_size} (C, H, W), "
                              f"got {tuple(x.shape[1:])}; convert with input_size={tuple(x.shape[1:])} or call "
                              "net.measure_costs(x=a_batch) to re-cost it")
+
+    def forward(self, x: Tensor):
+        self._check_input(x)
+        self._check_input_size(x)
         stem, stages, head = self.parts
         ctl, t = self._ctl, self.table
         ctl.reset(x.shape[0], x.device)
