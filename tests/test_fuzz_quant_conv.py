@@ -69,7 +69,8 @@ def case(g, dtype=torch.float32, xv=("normal", 0, 0), wv=("normal", 0, 0), w_bit
                 out_scale=out_scale, relu=relu, layout=layout, threads=threads)
 
 
-# the fuzzer's findings, kept (each failed before its fix: routes.onednn_geometry_ok, routes.sliced_ok)
+# the fuzzer's findings, kept (each failed before its fix: routes.onednn_geometry_ok, routes.sliced_ok,
+# routes.onednn_groups_ok)
 REGRESSIONS = [
     # segfault in oneDNN's int8 conv: tiny input, stride / padding / dilation mixed per axis, padding
     # as wide as the dilated kernel (outputs that see only padding)
@@ -95,6 +96,11 @@ REGRESSIONS = [
     # the same with two taps along the strided axis (a 4x2 kernel)
     case(G(1, 1, 1, 1, (4, 2), (1, 2), (0, 0), (1, 2), 8, 3), w_bits=2, a_bits=1, threads=1),
     case(G(1, 1, 1, 1, (4, 2), (1, 3), (0, 0), (1, 3), 8, 5), w_bits=2, a_bits=1, threads=1),
+    # one input channel per group and more than 16 outputs per group (routes.onednn_groups_ok):
+    # the sliced route's two stacked weight digits of a multiplier of 9, and a multiplier of 18 direct
+    dict(case(G(1, 2, 18, 2, (1, 2), (2, 1), (0, 0), (1, 1), 4, 2), w_bits=9, a_bits=1), route="sliced"),
+    case(G(1, 2, 36, 2, (1, 2), (1, 2), (0, 0), (1, 1), 4, 5)),
+    case(G(1, 2, 34, 2, (1, 2), (1, 2), (0, 0), (1, 1), 2, 5)),
 ]
 
 
