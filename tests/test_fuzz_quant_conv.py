@@ -96,9 +96,11 @@ REGRESSIONS = [
     # the same with two taps along the strided axis (a 4x2 kernel)
     case(G(1, 1, 1, 1, (4, 2), (1, 2), (0, 0), (1, 2), 8, 3), w_bits=2, a_bits=1, threads=1),
     case(G(1, 1, 1, 1, (4, 2), (1, 3), (0, 0), (1, 3), 8, 5), w_bits=2, a_bits=1, threads=1),
-    # one input channel per group and more than 16 outputs per group (routes.onednn_groups_ok):
-    # the sliced route's two stacked weight digits of a multiplier of 9, and a multiplier of 18 direct
+    # groups with a channel count not a multiple of 4 and more than 16 outputs each
+    # (routes.onednn_groups_ok): the sliced route's two stacked weight digits of 9 filters, and 17-18
+    # filters direct
     dict(case(G(1, 2, 18, 2, (1, 2), (2, 1), (0, 0), (1, 1), 4, 2), w_bits=9, a_bits=1), route="sliced"),
+    dict(case(G(1, 4, 18, 2, (1, 2), (1, 1), (0, 1), (1, 1), 2, 2), w_bits=9, a_bits=1), route="sliced"),
     case(G(1, 2, 36, 2, (1, 2), (1, 2), (0, 0), (1, 1), 4, 5)),
     case(G(1, 2, 34, 2, (1, 2), (1, 2), (0, 0), (1, 1), 2, 5)),
 ]
