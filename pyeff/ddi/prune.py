@@ -1,66 +1,48 @@
 """Static channel pruning, the baseline DDI is compared against at equal FLOPs: every block keeps
 the same fraction of its inner channels (those between its convs), chosen by the L1 norm of the
 first conv's filters (Li et al., "Pruning Filters for Efficient ConvNets"), and the network is
-physically slimmed: the result is an ordinary, smaller dense network.
+physically slimmed by pyeff.prune.slim (the package's one pruner): the result is an ordinary,
+smaller dense network.
 
     slim = prune_inner_channels(model, keep=0.5)
     slim = prune_to_flops(model, 0.25, input_size=(3, 32, 32))   # keep chosen to hit 25% of the FLOPs
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from pyeff.dynamic import block_spec, module_flops
 from pyeff.dynamic.blocks import find_supported, supported_blocks
+from pyeff.prune import slim
 
 
-def _slice_conv(conv: nn.Conv2d, idx: torch.Tensor, dim: int) -> nn.Conv2d:
-    w = conv.weight.detach().index_select(dim, idx)
-    new = nn.Conv2d(w.shape[1] * conv.groups, w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None, conv.padding_mode)
-    new.weight.data.copy_(w)
-    if conv.bias is not None:
-        new.bias.data.copy_(conv.bias.detach().index_select(0, idx) if dim == 0 else conv.bias.detach())
-    return new
-
-
-def _slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(idx), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    if bn.affine:
-        new.weight.data.copy_(bn.weight.detach()[idx])
-        new.bias.data.copy_(bn.bias.detach()[idx])
-    if bn.track_running_stats:
-        new.running_mean.copy_(bn.running_mean[idx])
-        new.running_var.copy_(bn.running_var[idx])
-        new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return new
-
-
-def prune_inner_channels(model: nn.Module, keep: float) -> nn.Module:
+def prune_inner_channels(model: nn.Module, keep: float, example_input=None) -> nn.Module:
     """A copy of `model` whose every supported block keeps round(keep x width) inner channels
-    (at least one), the ones whose first-conv filters have the largest L1 norm."""
+    (at least one), the ones whose first-conv filters have the largest L1 norm. The surgery is
+    pyeff.prune.slim's (one pruner for the package): the mask marks the dropped inner channels
+    on the BatchNorm after each inner conv."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep is the fraction of inner channels to keep, in (0, 1], got {keep}")
-    model = copy.deepcopy(model)
     blocks = find_supported(model)
     if not blocks:
         raise TypeError(f"prune_inner_channels: {type(model).__name__} has no registered block (registered: "
                         f"{', '.join(supported_blocks())}; add yours with pyeff.dynamic.register_block)")
+    names = {m: n for n, m in model.named_modules()}
+    mask = {}
     for _, blk in blocks:
         spec = block_spec(blk)
         width = spec.inner_width(blk)
         k = max(1, int(round(keep * width)))
-        idx = _importance(blk).argsort(descending=True)[:k].sort().values
-        for attr, dim in spec.inner_params():
-            m = getattr(blk, attr)
-            new = _slice_bn(m, idx) if isinstance(m, nn.BatchNorm2d) else _slice_conv(m, idx, dim)
-            setattr(blk, attr, new.train(m.training).to(m.weight.device))
-        if hasattr(blk, "width"):  # DenseLayer records its inner width
-            blk.width = k
-    return model
+        stay = torch.zeros(width, dtype=torch.bool)
+        stay[_importance(blk).argsort(descending=True)[:k].cpu()] = True
+        for i in range(len(spec.convs) - 1):  # every conv whose outputs are inner channels
+            bn = spec.bn(blk, i)
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"prune_inner_channels: {type(blk).__name__}.{spec.convs[i].conv} has no BatchNorm2d "
+                                "after it; the pruner marks dropped channels on that BatchNorm")
+            mask[names[bn]] = stay
+    return slim(model, mask, example_input)
 
 
 def _importance(blk: nn.Module) -> torch.Tensor:
@@ -100,10 +82,10 @@ def prune_to_flops(model: nn.Module, fraction: float, input_size=(3, 32, 32), to
     best = None
     for _ in range(30):
         mid = (lo + hi) / 2
-        slim = prune_inner_channels(model, max(mid, 1e-6))
-        f = module_flops(slim.eval(), x) / dense
+        small = prune_inner_channels(model, max(mid, 1e-6), x)
+        f = module_flops(small.eval(), x) / dense
         if f <= fraction:
-            lo, best = mid, (slim, mid, f)
+            lo, best = mid, (small, mid, f)
         else:
             hi = mid
         if best is not None and fraction - best[2] < tol:

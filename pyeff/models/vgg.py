@@ -1,7 +1,7 @@
 """VGG with BatchNorm for 32x32 inputs, as in Network Slimming and Early-Bird tickets.
 
 cfg "D" (VGG-16) without its last max-pool: 13 conv-BN-ReLU layers leave a 2x2 map, a global average
-pool and one linear layer classify. ``cfg`` may be passed explicitly to build a channel-pruned net.
+pool and one linear layer classify. ``cfg`` may be passed explicitly to build a channel-pruned net, or ``width`` to scale every layer.
 """
 from __future__ import annotations
 
@@ -45,8 +45,14 @@ class CifarVGG(nn.Module):
 
 
 def _vgg(letter: str, name: str):
-    def build(num_classes: int = 10, in_channels: int = 3, cfg: Sequence[int | str] | None = None) -> CifarVGG:
-        return CifarVGG(cfg if cfg is not None else VGG_CFGS[letter], num_classes, in_channels)
+    def build(num_classes: int = 10, in_channels: int = 3, cfg: Sequence[int | str] | None = None,
+              width: float = 1.0) -> CifarVGG:
+        if cfg is not None and width != 1.0:
+            raise ValueError("give either cfg or width, not both")
+        if not width > 0:
+            raise ValueError(f"width is a multiplier of every layer's channels, > 0; got {width!r}")
+        cfg = cfg if cfg is not None else [v if v == "M" else max(1, int(round(v * width))) for v in VGG_CFGS[letter]]
+        return CifarVGG(cfg, num_classes, in_channels)
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"VGG-{name[3:]} with BN for 32x32 inputs (cfg {letter} without its last max-pool)."
     return register_model(build)

@@ -150,6 +150,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best_acc = -1.0
         self.resumed_from = None
+        self.stop_reason = None
         progress = config.progress
         if progress is None:
             progress = sys.stderr.isatty()
@@ -159,6 +160,11 @@ class Trainer:
     def all_reduce_sum(self, values) -> list:
         """Sum a list of numbers over all ranks (identity on one process)."""
         return dist_util.all_reduce_sum(values, self.device)
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current epoch (its checkpoint and metrics are still written), e.g.
+        when an early-bird ticket is drawn. Every rank runs the hooks, so every rank asks alike."""
+        self.stop_reason = reason
 
     def log(self, msg: str) -> None:
         if self.verbose and self.is_main:
@@ -283,6 +289,9 @@ class Trainer:
                      f"acc {100 * metrics['train_acc']:.2f}%  test loss {metrics['test_loss']:.4f}"
                      f" acc {100 * metrics['test_acc']:.2f}%  lr {metrics['lr']:.4g}  "
                      f"{metrics['epoch_time']:.1f}s ({metrics['images_per_s']:.0f} img/s)")
+            if self.stop_reason is not None:
+                self.log(f"stopping after epoch {epoch}: {self.stop_reason}")
+                break
         for h in self.hooks:
             h.on_fit_end(self, self.history)
         if self.is_main and self.history:
