@@ -264,3 +264,35 @@ def test_a_failing_rank_ends_the_run(tmp_path, held):
     script.write_text(FAILING_RANK.format(held=held))
     p = torchrun(tmp_path, str(script), ok=False, timeout=60)
     assert p.returncode != 0 and "boom on rank 1" in p.stdout + p.stderr
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+def _earlybird_worker(rank, world, port, out, result):
+    from pyeff.earlybird import EarlyBird, SlimmingPenalty
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    register_tiny()
+    model = bn_model()
+    eb = EarlyBird(model, ratios=(0.5,), window=2, threshold=0.3, stop=True)
+    cfg = config(out).replace(epochs=8)
+    t = train.Trainer(model, cfg, *data(), hooks=[SlimmingPenalty(model, 1e-3), eb], verbose=False)
+    t.fit()
+    t.close()
+    torch.save({"drawn": eb.drawn, "epochs": len(t.history), "masks": eb.masks[0.5]}, f"{result}.{rank}")
+
+
+def test_earlybird_under_ddp_draws_and_stops_alike_on_every_rank(tmp_path, monkeypatch, tiny_registered):
+    """The masks come from the BatchNorm scales, which DDP keeps identical, and the penalty is added
+    after the gradients are reduced: both ranks draw the same ticket and stop at the same epoch."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spawn(_earlybird_worker, (2, free_port(), str(tmp_path / "eb"), str(tmp_path / "res")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"res.{r}") for r in (0, 1))
+    assert r0["drawn"] == r1["drawn"] and 0.5 in r0["drawn"]
+    assert r0["epochs"] == r1["epochs"] == r0["drawn"][0.5] < 8
+    assert all(torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"]))
