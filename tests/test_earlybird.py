@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import randomise_bn
 from pyeff.data import load_dataset
 from pyeff.earlybird import EarlyBird, SlimmingPenalty, apply_mask, global_mask, mask_distance
 from pyeff.models import create_model
@@ -146,7 +147,7 @@ def test_hook_in_the_shared_loop_stops_and_resumes(tmp_path, digits):
     t = _trainer(tmp_path / "a", digits, [SlimmingPenalty(model), eb], model)
     hist = t.fit()
     assert 0.5 in eb.drawn and len(hist) == eb.drawn[0.5] < 6  # training ended at the draw
-    assert hist[-1][f"eb_drawn_0.5"] == eb.drawn[0.5]
+    assert hist[-1]["eb_drawn_0.5"] == eb.drawn[0.5]
     # a resumed run restores the masks and the history from the checkpoint
     model2 = OneBN()
     eb2 = EarlyBird(model2, ratios=(0.5,), window=2, threshold=0.5)
@@ -158,14 +159,7 @@ def test_hook_in_the_shared_loop_stops_and_resumes(tmp_path, digits):
 
 # -- masked sparse training -------------------------------------------------------------------------
 def _randomised(name, gen):
-    m = create_model(name).double()
-    with torch.no_grad():
-        for bn in bn_layers(m).values():
-            bn.weight.uniform_(0.2, 1.5, generator=gen)
-            bn.bias.normal_(0, 0.3, generator=gen)
-            bn.running_mean.normal_(0, 0.2, generator=gen)
-            bn.running_var.uniform_(0.5, 2.0, generator=gen)
-    return m
+    return randomise_bn(create_model(name).double(), gen)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "preresnet20", "vgg11", "densenet40", "torchvision.resnet18"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomise_bn
 from pyeff.models import create_model
 from pyeff.prune import bn_layers, channel_plan, masked, slim
 
@@ -16,16 +17,9 @@ ARCHS = ["resnet20", "preresnet20", "vgg11", "densenet40", "torchvision.resnet18
 
 
 def randomised(name, gen, **kw):
-    """A zoo model with BatchNorm scales, shifts and statistics drawn at random (an untrained net's
-    identity BatchNorms would hide a wrong channel mapping)."""
-    m = create_model(name, **kw)
-    with torch.no_grad():
-        for bn in bn_layers(m).values():
-            bn.weight.uniform_(0.2, 1.5, generator=gen)
-            bn.bias.normal_(0, 0.3, generator=gen)
-            bn.running_mean.normal_(0, 0.2, generator=gen)
-            bn.running_var.uniform_(0.5, 2.0, generator=gen)
-    return m.eval()
+    """A zoo model with random BatchNorm statistics (an untrained net's identity BatchNorms would hide
+    a wrong channel mapping)."""
+    return randomise_bn(create_model(name, **kw), gen)
 
 
 def random_keep(model, gen, p=0.5):

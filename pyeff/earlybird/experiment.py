@@ -42,17 +42,9 @@ PENALTY = 1e-4
 THRESHOLD = 0.1
 
 
-def _milestones(epochs: int) -> tuple:
-    return tuple(sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)}))
-
-
-@register_experiment("earlybird", "Early-Bird tickets vs network slimming on VGG-16 / PreResNet-20 (shapes): the "
-                                  "draw epoch, accuracy and training energy / time per pruning ratio",
-                     claims=lambda result: claims_of(result))
-def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=None, **overrides) -> dict:
+def _params(quick: bool, overrides: dict, threads) -> dict:
+    """The preset of the mode with `--set` overrides applied (unknown names are an error)."""
     import torch
-
-    from pyeff.train.phases import load_subsets, recipe_config
 
     P = dict(QUICK if quick else FULL)
     unknown = sorted(set(overrides) - set(P))
@@ -61,6 +53,20 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=None
     P.update(overrides)
     if threads:
         torch.set_num_threads(threads)
+    return P
+
+
+def _milestones(epochs: int) -> tuple:
+    return tuple(sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)}))
+
+
+@register_experiment("earlybird", "Early-Bird tickets vs network slimming on VGG-16 / PreResNet-20 (shapes): the "
+                                  "draw epoch, accuracy and training energy / time per pruning ratio",
+                     claims=lambda result: claims_of(result))
+def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=None, **overrides) -> dict:
+    from pyeff.train.phases import load_subsets, recipe_config
+
+    P = _params(quick, overrides, threads)
     t_start = time.perf_counter()
     rows, searches, plots = [], {}, []
     for label, name, kw in NETWORKS:
@@ -208,18 +214,10 @@ RECIPES = {"paper: s=1e-4, lr 0.1, step schedule": {},
                                           "(paper, 10x penalty, no penalty, cosine schedule): when each ticket is drawn",
                      claims=lambda result: recipe_claims(result))
 def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=None, **overrides) -> dict:
-    import torch
-
     from pyeff.e2train.experiment import _accuracy
     from pyeff.train.phases import load_subsets, recipe_config
 
-    P = dict(QUICK if quick else FULL)
-    unknown = sorted(set(overrides) - set(P))
-    if unknown:
-        raise ValueError(f"unknown overrides {unknown}; known: {sorted(P)} plus threads, dataset")
-    P.update(overrides)
-    if threads:
-        torch.set_num_threads(threads)
+    P = _params(quick, overrides, threads)
     common = recipe_config(model="vgg16", dataset=dataset, data_dir=data_dir, batch_size=P["batch_size"], seed=seed,
                            train_subset=P["train_subset"], test_subset=P["test_subset"], device="cpu")
     data = load_subsets(common)
