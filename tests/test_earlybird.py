@@ -155,6 +155,11 @@ def test_hook_in_the_shared_loop_stops_and_resumes(tmp_path, digits):
     t2.load_state(torch.load(t.checkpoint_path, weights_only=True), t.checkpoint_path)
     assert eb2.drawn == eb.drawn and len(eb2.history) == len(eb.history)
     assert all(torch.equal(a, b) for a, b in zip(eb2.masks[0.5], eb.masks[0.5]))
+    # resuming the stopped run with the same stop rule trains no further epoch
+    model3 = OneBN()
+    eb3 = EarlyBird(model3, ratios=(0.5,), window=2, threshold=0.5, stop=True)
+    t3 = _trainer(tmp_path / "a", digits, [SlimmingPenalty(model3), eb3], model3, resume=True)
+    assert len(t3.fit()) == len(hist) and eb3.drawn == eb.drawn
 
 
 # -- masked sparse training -------------------------------------------------------------------------

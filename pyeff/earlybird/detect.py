@@ -152,6 +152,10 @@ class EarlyBird(Hook):
         return bool(self.stop) and all(r in self.drawn for r in self.stop)
 
     # -- the shared loop ---------------------------------------------------------------------------
+    def on_fit_begin(self, trainer) -> None:
+        if trainer is not None and self.done():  # a resumed run whose tickets were already drawn
+            trainer.request_stop(f"early-bird tickets already drawn for {list(self.stop)}")
+
     def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
         drawn = self.step(epoch)
         for r in self.ratios:

@@ -262,6 +262,9 @@ class Trainer:
         for h in self.hooks:
             h.on_fit_begin(self)
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            if self.stop_reason is not None:  # asked before the first epoch, e.g. by a resumed hook
+                self.log(f"not training further: {self.stop_reason}")
+                break
             self.epoch = epoch
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
