@@ -162,6 +162,17 @@ def test_hook_in_the_shared_loop_stops_and_resumes(tmp_path, digits):
     assert len(t3.fit()) == len(hist) and eb3.drawn == eb.drawn
 
 
+def test_checks_per_epoch_record_masks_within_the_epoch(tmp_path, digits):
+    torch.manual_seed(0)
+    model = OneBN()
+    eb = EarlyBird(model, ratios=(0.5,), window=3, threshold=0.0, checks_per_epoch=2)  # 4 batches an epoch
+    hist = _trainer(tmp_path / "b", digits, [eb], model, epochs=2).fit()
+    assert [h["epoch"] for h in eb.history] == [0.5, 1, 1.5, 2] and len(eb.masks[0.5]) == 4
+    assert "eb_max_distance_0.5" in hist[-1]
+    with pytest.raises(ValueError, match="checks_per_epoch"):
+        EarlyBird(model, checks_per_epoch=0)
+
+
 # -- masked sparse training -------------------------------------------------------------------------
 def _randomised(name, gen):
     return randomise_bn(create_model(name).double(), gen)

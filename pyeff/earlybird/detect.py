@@ -62,6 +62,10 @@ class EarlyBird(Hook):
         threshold: the largest distance, in [0, 1), at which masks count as settled.
         stop: a ratio (or True: every ratio) whose drawn ticket ends training through the Trainer.
         keep_weights: keep a copy of the model's state_dict at each ticket's draw (`tickets`).
+        checks_per_epoch: masks recorded per epoch in the shared loop (1: at each epoch's end, the
+            paper's rule; k > 1: after every 1/k of the epoch's batches, so that a short schedule's
+            window spans as small a share of training as the paper's 5 of 160 epochs). Epochs are then
+            fractional (2.5 = half-way through epoch 3).
 
     Attributes:
         drawn: {ratio: epoch} of the tickets drawn so far.
@@ -72,7 +76,7 @@ class EarlyBird(Hook):
     """
 
     def __init__(self, model: nn.Module, ratios=(0.3, 0.5, 0.7), window: int = 5, threshold: float = 0.1,
-                 stop=None, keep_weights: bool = False):
+                 stop=None, keep_weights: bool = False, checks_per_epoch: int = 1):
         self.bns = bn_layers(model)
         if not self.bns:
             raise ValueError(f"EarlyBird: {type(model).__name__} has no BatchNorm2d layer with a scale; early-bird "
@@ -93,6 +97,9 @@ class EarlyBird(Hook):
             missing = [r for r in stop if r not in self.ratios]
             if missing:
                 raise ValueError(f"EarlyBird: stop ratios {missing} are not among the watched ratios {self.ratios}")
+        if isinstance(checks_per_epoch, bool) or not isinstance(checks_per_epoch, numbers.Integral) or checks_per_epoch < 1:
+            raise ValueError(f"EarlyBird: checks_per_epoch must be an integer >= 1; got {checks_per_epoch!r}")
+        self.checks_per_epoch = int(checks_per_epoch)
         self.model, self.window, self.threshold, self.stop = model, int(window), float(threshold), stop
         self.keep_weights = keep_weights
         self.sizes = [bn.num_features for bn in self.bns.values()]
@@ -118,9 +125,10 @@ class EarlyBird(Hook):
             flat = self.masks[ratio][-1] if self.masks.get(ratio) else self.flat_mask(ratio)
         return dict(zip(self.bns, flat.split(self.sizes)))
 
-    def step(self, epoch: int | None = None) -> dict:
+    def step(self, epoch: float | None = None) -> dict:
         """Record this epoch's masks; returns {ratio: drawn?} for the ratios drawn at this step."""
-        self.epoch = int(epoch) if epoch is not None else self.epoch + 1
+        self.epoch = (int(epoch) if float(epoch).is_integer() else float(epoch)) if epoch is not None \
+            else self.epoch + 1
         s = self.scales()
         rec = {"epoch": self.epoch, "distances": {}, "drawn": []}
         for r in self.ratios:
@@ -156,16 +164,30 @@ class EarlyBird(Hook):
         if trainer is not None and self.done():  # a resumed run whose tickets were already drawn
             trainer.request_stop(f"early-bird tickets already drawn for {list(self.stop)}")
 
+    def on_batch_end(self, trainer, step: int, metrics: dict) -> None:
+        if self.checks_per_epoch == 1:
+            return
+        n = trainer.steps_per_epoch
+        i = step - (trainer.epoch - 1) * n + 1  # batches of this epoch done
+        every = max(1, n // self.checks_per_epoch)
+        if i % every == 0 and i // every < self.checks_per_epoch:  # the epoch's last check is at its end
+            self._record(trainer, trainer.epoch - 1 + i / n)
+
     def on_epoch_end(self, trainer, epoch: int, metrics: dict) -> None:
-        drawn = self.step(epoch)
+        self._record(trainer, epoch)
         for r in self.ratios:
             d = self.history[-1]["distances"][r]
             metrics[f"eb_max_distance_{r:g}"] = max(d) if d else float("nan")
+        for r, e in self.drawn.items():
+            if epoch - 1 < e <= epoch:
+                metrics[f"eb_drawn_{r:g}"] = e
+
+    def _record(self, trainer, epoch) -> None:
+        drawn = self.step(epoch)
         for r in drawn:
-            metrics[f"eb_drawn_{r:g}"] = epoch
             if trainer is not None:
-                trainer.log(f"early-bird ticket at pruning ratio {r:g} drawn at epoch {epoch}")
-        if trainer is not None and self.done():
+                trainer.log(f"early-bird ticket at pruning ratio {r:g} drawn at epoch {self.epoch:g}")
+        if trainer is not None and self.done() and getattr(trainer, "stop_reason", None) is None:
             trainer.request_stop(f"early-bird tickets drawn for {list(self.stop)}")
 
     def state_dict(self) -> dict:
