@@ -12,6 +12,7 @@ COMMANDS = {
     "dfs": "pyeff.dfs.cli",
     "ddi": "pyeff.ddi.cli",
     "e2train": "pyeff.e2train.cli",
+    "earlybird": "pyeff.earlybird.cli",
 }
 
 

@@ -301,3 +301,36 @@ def test_low_precision_search_quantises_and_still_learns():
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_train_and_eval(tmp_path, capsys):
+    import json
+
+    from pyeff.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["earlybird", "train", "--model", "resnet20", "--dataset", "digits", "--epochs", "4", "--batch-size",
+               "16", "--train-subset", "64", "--test-subset", "32", "--out", str(out), "--no-progress", "--threads",
+               "1", "--no-augment", "--schedule", "step", "--ratio", "0.5", "--window", "2", "--threshold", "0.6"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ticket at ratio 0.5 drawn at epoch 2" in printed
+    assert (out / "search" / "checkpoint.pt").exists() and (out / "slim" / "checkpoint.pt").exists()
+    search = [json.loads(line) for line in (out / "search" / "metrics.jsonl").read_text().splitlines()]
+    slim_h = [json.loads(line) for line in (out / "slim" / "metrics.jsonl").read_text().splitlines()]
+    assert len(search) == 2 and len(slim_h) == 2  # the search stopped at the draw; the ticket trained the rest
+    rc = main(["earlybird", "eval", "--checkpoint", str(out / "earlybird.pt"), "--test-subset", "32",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["accuracy"] == pytest.approx(slim_h[-1]["test_acc"]) and res["flops"]["slim"] < res["flops"]["dense"]
+
+
+@pytest.mark.parametrize("flag", [["--ratio", "1"], ["--window", "1"], ["--threshold", "2"], ["--penalty", "-1"]])
+def test_cli_bad_flags(tmp_path, capsys, flag):
+    from pyeff.cli import main
+
+    rc = main(["earlybird", "train", "--dataset", "digits", "--out", str(tmp_path / "x"), "--epochs", "1"] + flag)
+    assert rc == 2
+    assert "error" in capsys.readouterr().err and not (tmp_path / "x" / "search" / "checkpoint.pt").exists()
