@@ -234,6 +234,21 @@ def test_torchrun_e2train(tmp_path):
     assert last["energy_j"] > 0
 
 
+def test_torchrun_earlybird(tmp_path):
+    """`pyeff earlybird train` under torchrun: both ranks draw the ticket at the same epoch, stop the
+    search together, slim alike and train the slim network with DDP; rank 0 alone writes earlybird.pt."""
+    from pyeff.earlybird.cli import load_earlybird
+
+    out = tmp_path / "eb"
+    p = torchrun(tmp_path, "earlybird", "train", *TINY_RUN, "--epochs", "3", "--schedule", "step", "--window", "2",
+                 "--threshold", "0.6", "--out", str(out))
+    assert p.stdout.count("Early-Bird resnet20 on digits") == 1, p.stdout
+    assert train.load_checkpoint(out / "search" / "checkpoint.pt")["world_size"] == 2
+    model, saved = load_earlybird(str(out / "earlybird.pt"))
+    assert saved["ticket_epoch"] == 2 and len(saved["history"]["slim"]) == 1
+    assert saved["flops"]["slim"] < saved["flops"]["dense"]
+
+
 FAILING_RANK = """
 import pyeff.train as train
 from pyeff.train import distributed

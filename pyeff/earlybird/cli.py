@@ -63,17 +63,25 @@ def _rest_of_schedule(config, epoch: int, steps: int):
 
 
 def train_main(args) -> int:
+    from pyeff.config import config_from_args
+    from pyeff.train import distributed as dist_util
+    from pyeff.train.config import TrainConfig
+
+    config = config_from_args(TrainConfig, args)
+    # one process group for the search and the slim run under torchrun (distributed.process_group)
+    with dist_util.process_group(config.device):
+        return _train(args, config)
+
+
+def _train(args, config) -> int:
     import torch
 
-    from pyeff.config import config_from_args
     from pyeff.earlybird import EarlyBird, SlimmingPenalty
     from pyeff.experiments.measure import count_flops
     from pyeff.prune import slim
     from pyeff.train import atomic_save
     from pyeff.train.build import build_model, load_data, run_training
-    from pyeff.train.config import TrainConfig
 
-    config = config_from_args(TrainConfig, args)
     data = load_data(config)
     model = build_model(config, data[0])
     eb = EarlyBird(model, ratios=(args.ratio,), window=args.window, threshold=args.threshold, stop=args.ratio,
@@ -84,7 +92,7 @@ def train_main(args) -> int:
                           data=data, verbose=True)
     drawn = eb.drawn.get(args.ratio)
     epoch = len(search.history)
-    if drawn is None:
+    if drawn is None and search.is_main:
         print(f"no early-bird ticket at ratio {args.ratio:g} within {epoch} epochs: slimming the final mask "
               "(this is network slimming, not an early-bird ticket)")
     keep = eb.mask(args.ratio)
