@@ -181,7 +181,7 @@ class FreezeMasked(Hook):
                         _rows(t).index_fill_(0, r, 0)
 
 
-def apply_mask(model: nn.Module, keep: dict, example_input=None) -> MaskHandle:
+def apply_mask(model: nn.Module, keep: dict, example_input=None, check: bool = True) -> MaskHandle:
     """Make the channels `keep` masks cost nothing in forward and backward, in place, keeping the
     dense modules and parameters. The output equals `pyeff.prune.masked(model, keep)`'s (and the
     slim network's); parameters of masked channels get zero gradients.
@@ -190,6 +190,8 @@ def apply_mask(model: nn.Module, keep: dict, example_input=None) -> MaskHandle:
         model: a network whose masks sit on BatchNorm2d layers (see pyeff.prune).
         keep: {BatchNorm2d name: bool tensor of the channels to keep}.
         example_input: an input to trace the model with (default 1 x C x 32 x 32).
+        check: compare the masked forward with the masked network on a random input shaped like
+            `example_input` (eval mode, two forwards) and raise, undoing the patch, if they differ.
     """
     if any("forward" in m.__dict__ for m in model.modules()):
         raise ValueError("apply_mask: the model already has a mask applied (or a patched forward); call "
@@ -238,7 +240,25 @@ def apply_mask(model: nn.Module, keep: dict, example_input=None) -> MaskHandle:
             raise NotImplementedError(f"apply_mask: {name} ({type(m).__name__}) carries masked channels; only Conv2d, "
                                       "BatchNorm2d and Linear layers can run compact (pyeff.prune.slim handles more)")
         patched.append(m)
-    return MaskHandle(model, plan, patched, frozen)
+    handle = MaskHandle(model, plan, patched, frozen)
+    if check:
+        from pyeff.prune.slim import check_same, masked
+
+        try:
+            check_same(model, masked(_unpatched_copy(model), keep), torch.randn_like(x), "pyeff.earlybird.apply_mask")
+        except RuntimeError:
+            handle.remove()
+            raise
+    return handle
+
+
+def _unpatched_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        m.__dict__.pop("forward", None)
+    return twin
 
 
 def _size(m, side: str) -> int:

@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from pyeff.prune.plan import ChannelPlan, bn_layers, channel_plan, check_keep
+from pyeff.prune.plan import ChannelPlan, bn_layers, channel_plan, check_keep, default_input
 
 
 @torch.no_grad()
@@ -28,7 +28,27 @@ def masked(model: nn.Module, keep: dict) -> nn.Module:
     return zero_masked(copy.deepcopy(model), keep)
 
 
-def slim(model: nn.Module, keep: dict, example_input=None, return_plan: bool = False):
+def check_same(got: nn.Module, ref: nn.Module, x: torch.Tensor, what: str) -> None:
+    """Raise unless `got(x)` equals `ref(x)` (both in eval mode, no grad): the guard that a rule of
+    pyeff.prune.plan was exact on this network (an activation with f(0) != 0 after a masked
+    BatchNorm, e.g. a sigmoid, would break it)."""
+    was_g, was_r = got.training, ref.training
+    got.eval(), ref.eval()
+    try:
+        with torch.no_grad():
+            a, b = got(x), ref(x)
+    finally:
+        got.train(was_g), ref.train(was_r)
+    a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
+    tol = 1e-4 * (1.0 + float(b.abs().max()))
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=tol):
+        raise RuntimeError(f"{what}: the result does not compute what the masked network computes on a test input "
+                           f"(largest difference {float((a - b).abs().max()) if a.shape == b.shape else 'shape'}); "
+                           "the network has an op the pruning rule does not cover, e.g. an activation with f(0) != 0 "
+                           "after a masked BatchNorm. Use pyeff.prune.masked(model, keep) for this network.")
+
+
+def slim(model: nn.Module, keep: dict, example_input=None, return_plan: bool = False, check: bool = True):
     """A slimmed copy of `model`: every channel `keep` masks is removed where that is exact, with
     everything that produced or consumed it (residual additions, concatenations, grouped and
     depthwise convs, linear heads); masked channels tied to channels that stay are zeroed. The
@@ -40,6 +60,8 @@ def slim(model: nn.Module, keep: dict, example_input=None, return_plan: bool = F
         keep: {BatchNorm2d name: bool tensor of the channels to keep}, e.g. `EarlyBird.mask(0.5)`.
         example_input: an input to trace the model with (default 1 x C x 32 x 32).
         return_plan: also return the `ChannelPlan` (which channels went, which were zeroed).
+        check: compare the result with the masked network on a random input shaped like
+            `example_input` (two forwards) and raise if they differ.
 
     Example:
         >>> from pyeff.models import create_model
@@ -51,6 +73,8 @@ def slim(model: nn.Module, keep: dict, example_input=None, return_plan: bool = F
     """
     keep = check_keep(model, keep, "pyeff.prune.slim")
     out = masked(model, keep)
+    ref = copy.deepcopy(out) if check else None
+    example_input = example_input if example_input is not None else default_input(model)
     plan: ChannelPlan = channel_plan(out, keep, example_input)
     dg = plan.graph
     for g in plan.groups:
@@ -58,6 +82,8 @@ def slim(model: nn.Module, keep: dict, example_input=None, return_plan: bool = F
         if idx:
             dg.get_pruning_group(g.root, g.root_fn, idx).prune()
     _refresh_attributes(out)
+    if check:
+        check_same(out, ref, torch.randn_like(example_input), "pyeff.prune.slim")
     return (out, plan) if return_plan else out
 
 
