@@ -13,7 +13,8 @@
    step (forward, cross-entropy, backward, SGD) NCHW and channels_last, the best of each side. Beside each
    speed-up: the FLOPs ratio and the share of it realised (speed-up / FLOPs ratio).
 3. Masked sparse training at ratio 0.5: a training step of the dense resnet18 with `apply_mask` (the
-   dense modules, compact activations, frozen masked entries) against the dense step and the slim step.
+   dense modules, compact activations, frozen masked entries restored after each SGD step) against the
+   dense step and the slim step, each in NCHW and channels_last, the best of each side compared.
 4. The engine choice of apply_mask: one conv of ResNet-20's stage 2 (N=128, 32 -> 32 channels, 16x16,
    3x3, half of the inputs and outputs kept), forward + backward, as `masked_conv2d` with batch-shared
    masks against F.conv2d on the sliced weights and the compact input.
@@ -152,26 +153,36 @@ def bench_slim(quick: bool, compile: bool) -> tuple[list, dict]:
 
 
 def bench_masked(quick: bool, ctx: dict) -> list:
+    """apply_mask's step against the dense and the slim steps, each side in NCHW and channels_last
+    (for apply_mask: a channels_last input; its parameters stay as the user's), the best of each."""
     from pyeff.earlybird import apply_mask
 
     x, y = ctx["x"], ctx["y"]
-    dense = copy.deepcopy(ctx["dense"]).train()
-    masked = copy.deepcopy(ctx["dense"]).train()
-    h = apply_mask(masked, ctx["masks"][0.5], x[:1])
-    slim = copy.deepcopy(ctx["nets"]["slim 0.5"]).train()
-    opt = torch.optim.SGD(masked.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    fns = {"dense step": _step(dense, x, y), "slim 0.5 step": _step(slim, x, y),
-           "apply_mask 0.5 step (frozen entries restored)": _step(masked, x, y, opt, h.freeze_hook(opt)),
-           "apply_mask 0.5 step (no freezing)": _step(masked, x, y)}
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    fns, side = {}, {}
+    for layout, inp in (("NCHW", x), ("channels_last", xcl)):
+        dense = copy.deepcopy(ctx["dense"]).train()
+        slim = copy.deepcopy(ctx["nets"]["slim 0.5"]).train()
+        masked = copy.deepcopy(ctx["dense"]).train()
+        if layout == "channels_last":
+            dense, slim = dense.to(memory_format=torch.channels_last), slim.to(memory_format=torch.channels_last)
+        h = apply_mask(masked, ctx["masks"][0.5], x[:1])
+        opt = torch.optim.SGD(masked.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        for name, fn in ((f"dense step ({layout})", _step(dense, inp, y)), (f"slim 0.5 step ({layout})", _step(slim, inp, y)),
+                         (f"apply_mask 0.5 step, frozen entries restored ({layout} input)",
+                          _step(masked, inp, y, opt, h.freeze_hook(opt)))):
+            fns[name] = fn
+            side[name] = name.split()[0]
     med = harness.interleaved_medians(fns, rounds=5 if quick else 9)
+    best = {k: min(v for n, v in med.items() if side[n] == k) for k in ("dense", "slim", "apply_mask")}
     rows = []
     for name, sec in med.items():
-        row = {"part": "masked training", "shape": f"torchvision resnet18, batch {x.shape[0]}, 32x32, NCHW",
-               "variant": name, "ms": 1e3 * sec, "speed-up": med["dense step"] / sec,
-               "x slim step": sec / med["slim 0.5 step"]}
-        if name.startswith("apply_mask 0.5 step (frozen"):
-            ok = med["dense step"] / sec >= TARGETS["masked x dense"] and sec / med["slim 0.5 step"] <= TARGETS["masked x slim"]
-            row["target"] = (f">= {TARGETS['masked x dense']}x dense, <= {TARGETS['masked x slim']}x slim: {_met(ok)}")
+        row = {"part": "masked training", "shape": f"torchvision resnet18, batch {x.shape[0]}, 32x32",
+               "variant": name, "ms": 1e3 * sec, "speed-up": best["dense"] / sec, "x slim step": sec / best["slim"]}
+        if side[name] == "apply_mask" and sec == best["apply_mask"]:
+            ok = best["dense"] / sec >= TARGETS["masked x dense"] and sec / best["slim"] <= TARGETS["masked x slim"]
+            row["target"] = (f">= {TARGETS['masked x dense']}x best dense, <= {TARGETS['masked x slim']}x best slim: "
+                             f"{_met(ok)}")
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -80,11 +80,11 @@ def _bn_forward(bn: nn.BatchNorm2d, idx, scale):
     stay because they are tied to kept ones. Running statistics are updated in place, kept channels only."""
     def forward(self, x):
         w, b = self.weight, self.bias
-        if idx is not None:
+        if idx is not None and w is not None:
             w, b = w.index_select(0, idx), b.index_select(0, idx)
         if scale is not None:
             w, b = w * scale, b * scale
-        use_batch = self.training or not self.track_running_stats
+        use_batch = self.training
         if not self.track_running_stats:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         rm, rv = self.running_mean, self.running_var
@@ -209,7 +209,7 @@ def apply_mask(model: nn.Module, keep: dict, example_input=None, check: bool = T
             in_idx = None
         if out_idx is None and in_idx is None and z is None:
             continue
-        dev = next(m.parameters()).device
+        dev = next(iter([*m.parameters(), *m.buffers()])).device
         out_idx = out_idx.to(dev) if out_idx is not None else None
         in_idx = in_idx.to(dev) if in_idx is not None else None
         if isinstance(m, nn.BatchNorm2d):
@@ -222,7 +222,7 @@ def apply_mask(model: nn.Module, keep: dict, example_input=None, check: bool = T
             mask[out_idx.cpu() if out_idx is not None else slice(None)] = False
             if z is not None:
                 mask |= z
-            for pn in ("weight", "bias"):
+            for pn in (("weight", "bias") if m.affine else ()):
                 frozen[f"{name}.{pn}"] = torch.nonzero(mask).flatten()
         elif isinstance(m, nn.Conv2d):
             depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
