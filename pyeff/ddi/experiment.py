@@ -215,16 +215,9 @@ def _claims(rows, sweep, within_budget) -> list:
 
 def _accuracy(model, loader) -> float:
     """Top-1 % of `model` (eval mode, no grad) over `loader`."""
-    import torch
+    from pyeff.experiments.measure import accuracy_percent
 
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((_logits(model(xb)).argmax(1) == yb).sum()) for xb, yb in loader)
-    return 100 * correct / len(loader.dataset)
-
-
-def _logits(out):
-    return out[0] if isinstance(out, tuple) else out
+    return accuracy_percent(model, loader)
 
 
 def _plot(rows, sweep, dense_acc, path):

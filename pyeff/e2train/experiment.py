@@ -64,6 +64,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", configs=None
     import torch
 
     from pyeff.e2train.recipe import E2Train
+    from pyeff.experiments.measure import accuracy_percent
     from pyeff.e2train.slu import SLUConfig
     from pyeff.e2train.smd import SMDHook
     from pyeff.energy import EnergyModel
@@ -94,7 +95,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", configs=None
     base, history = float_phase(common, data, epochs=P["base_epochs"], lr=P["base_lr"], out_dir=out_dir,
                                 verbose=True)
     base.eval()
-    loader_acc = _accuracy(base, test_set)
+    loader_acc = accuracy_percent(base, test_set)
     cached_time = sum(r["epoch_time"] for r in history) if history else None
 
     # its training energy, with the EnergyHook's counting rules, per sample x samples x epochs
@@ -176,16 +177,6 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", configs=None
     return {"summary": summary, "table": rows, "plots": [os.path.relpath(plot, out_dir)], "notes": notes,
             "energy_tables": accounts,
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in P.items()}}
-
-
-def _accuracy(model, test_set) -> float:
-    import torch
-
-    from pyeff.data import BatchLoader
-    loader = BatchLoader(test_set, 256, shuffle=False, augment=False)
-    with torch.no_grad():
-        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in loader)
-    return 100 * correct / len(test_set)
 
 
 def _dense_energy_per_sample(model, shape, energy):

@@ -146,9 +146,8 @@ def load_earlybird(path: str):
 
 
 def eval_main(args) -> int:
-    import torch
-
-    from pyeff.data import BatchLoader, load_dataset
+    from pyeff.data import load_dataset
+    from pyeff.experiments.measure import accuracy_percent
     from pyeff.train.config import TrainConfig
 
     model, saved = load_earlybird(args.checkpoint)
@@ -156,12 +155,8 @@ def eval_main(args) -> int:
     test = load_dataset(config.dataset, "test", data_dir=args.data_dir)
     if args.test_subset and args.test_subset < len(test):
         test = test.subset(args.test_subset)
-    correct = seen = 0
-    with torch.no_grad():
-        for x, y in BatchLoader(test, args.batch_size, shuffle=False, augment=False):
-            correct += int((model(x).argmax(1) == y).sum())
-            seen += y.shape[0]
-    res = {"accuracy": correct / max(1, seen), "images": seen, "ratio": saved["ratio"],
+    seen = len(test)
+    res = {"accuracy": accuracy_percent(model, test, args.batch_size) / 100, "images": seen, "ratio": saved["ratio"],
            "ticket_epoch": saved.get("ticket_epoch"), "flops": saved.get("flops")}
     f = saved.get("flops") or {}
     print(f"{config.model} Early-Bird ticket (ratio {saved['ratio']:g}) on {config.dataset}: test accuracy "

@@ -109,9 +109,9 @@ def _one_network(label, name, kw, common, data, P, out_dir):
 
     import torch
 
-    from pyeff.e2train.experiment import _accuracy, _dense_energy_per_sample
+    from pyeff.e2train.experiment import _dense_energy_per_sample
     from pyeff.energy import EnergyModel
-    from pyeff.experiments.measure import count_flops
+    from pyeff.experiments.measure import accuracy_percent as _accuracy, count_flops
     from pyeff.prune import slim
     from pyeff.train import TrainConfig, run_training
 
@@ -218,7 +218,7 @@ RECIPES = {"paper: s=1e-4, lr 0.1, step schedule": {},
                                           "when each ticket is drawn",
                      claims=lambda result: recipe_claims(result))
 def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=None, **overrides) -> dict:
-    from pyeff.e2train.experiment import _accuracy
+    from pyeff.experiments.measure import accuracy_percent as _accuracy
     from pyeff.train.phases import load_subsets, recipe_config
 
     P = _params(quick, overrides, threads)

@@ -50,6 +50,21 @@ def latency_on(model, x, min_run_time: float = 1.0) -> float:
     return 1e3 * m.median / x.shape[0]
 
 
+def accuracy_percent(model, data, batch_size: int = 256) -> float:
+    """Top-1 accuracy in % of `model` (eval mode, no grad) on a dataset (an ImageDataset) or a loader
+    over one; a model may return logits, (logits, aux) or a dict with "logits"."""
+    from pyeff.data import BatchLoader
+    from pyeff.train.hooks import split_outputs
+
+    loader = BatchLoader(data, batch_size, shuffle=False, augment=False) if hasattr(data, "images") else data
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((split_outputs(model(xb)).logits.argmax(1) == yb).sum()) for xb, yb in loader)
+    model.train(was)
+    return 100 * correct / len(loader.dataset)
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
