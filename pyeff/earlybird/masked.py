@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyeff.prune.plan import channel_plan, default_input
+from pyeff.prune.plan import channel_plan, default_input, in_size, out_size
 from pyeff.train.hooks import Hook
 
 
@@ -203,9 +203,9 @@ def apply_mask(model: nn.Module, keep: dict, example_input=None, check: bool = T
     for name, m in model.named_modules():
         out_idx, in_idx = plan.out_keep.get(name), plan.in_keep.get(name)
         z = zeroed.get(name)
-        if out_idx is not None and len(out_idx) == _size(m, "out"):
+        if out_idx is not None and len(out_idx) == out_size(m):
             out_idx = None
-        if in_idx is not None and len(in_idx) == _size(m, "in"):
+        if in_idx is not None and len(in_idx) == in_size(m):
             in_idx = None
         if out_idx is None and in_idx is None and z is None:
             continue
@@ -242,10 +242,10 @@ def apply_mask(model: nn.Module, keep: dict, example_input=None, check: bool = T
         patched.append(m)
     handle = MaskHandle(model, plan, patched, frozen)
     if check:
-        from pyeff.prune.slim import check_same, masked
+        from pyeff.prune.slim import check_same, zero_masked
 
         try:
-            check_same(model, masked(_unpatched_copy(model), keep), torch.randn_like(x), "pyeff.earlybird.apply_mask")
+            check_same(model, zero_masked(_unpatched_copy(model), keep), torch.randn_like(x), "pyeff.earlybird.apply_mask")
         except RuntimeError:
             handle.remove()
             raise
@@ -259,14 +259,6 @@ def _unpatched_copy(model: nn.Module) -> nn.Module:
     for m in twin.modules():
         m.__dict__.pop("forward", None)
     return twin
-
-
-def _size(m, side: str) -> int:
-    if isinstance(m, nn.BatchNorm2d):
-        return m.num_features
-    if isinstance(m, nn.Conv2d):
-        return m.out_channels if side == "out" else m.in_channels
-    return m.out_features if side == "out" else m.in_features
 
 
 def _frozen_matrix(name, m, out_idx, in_idx, depthwise) -> dict:

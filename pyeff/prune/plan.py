@@ -26,9 +26,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-PRUNABLE = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
-
-
 def bn_layers(model: nn.Module) -> dict:
     """{name: module} of the BatchNorm2d layers with a scale (affine), in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
@@ -152,12 +149,14 @@ def _reads_through_bn(dg, module, bns: set) -> bool:
     return False
 
 
-def _out_size(m) -> int:
+def out_size(m) -> int:
+    """Output channels of a Conv2d, BatchNorm2d or Linear layer."""
     return m.num_features if isinstance(m, nn.BatchNorm2d) else m.out_channels if isinstance(m, nn.Conv2d) \
         else m.out_features
 
 
-def _in_size(m) -> int:
+def in_size(m) -> int:
+    """Input channels of a Conv2d or Linear layer."""
     return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
 
 
@@ -213,7 +212,7 @@ def channel_plan(model: nn.Module, keep: dict, example_input=None, graph=None) -
                 removed_out.setdefault(name, (mod, set()))[1].update(gone)
             if kind in ("in", "dw"):
                 removed_in.setdefault(name, (mod, set()))[1].update(gone)
-    for table, removed, size in ((plan.out_keep, removed_out, _out_size), (plan.in_keep, removed_in, _in_size)):
+    for table, removed, size in ((plan.out_keep, removed_out, out_size), (plan.in_keep, removed_in, in_size)):
         for name, (mod, gone) in removed.items():
             table[name] = torch.tensor([i for i in range(size(mod)) if i not in gone], dtype=torch.long)
     return plan
