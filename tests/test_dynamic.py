@@ -99,8 +99,17 @@ def test_channel_gate_mask_and_gradient(rng):
     assert soft.shape == keep.shape == (5, 12) and keep.dtype == torch.bool
     assert keep.all()  # opens everything at initialisation
     torch.testing.assert_close(soft, keep.float())
+    with torch.no_grad():  # a hidden unit that ReLU zeroes for every sample would carry no gradient
+        cg.fc1.bias.fill_(1.0)
+    soft, _ = cg(f)
     soft.sum().backward()
-    assert cg.fc2.weight.grad.abs().sum() > 0
+    # straight-through: d(sum soft)/d fc2 = sigmoid'(z) (outer) hidden, exactly as for the soft scores
+    hidden = torch.relu(cg.fc1(f.mean((2, 3))))
+    z = cg.fc2(hidden)
+    dz = (torch.sigmoid(z) * (1 - torch.sigmoid(z))).detach()
+    torch.testing.assert_close(cg.fc2.bias.grad, dz.sum(0))
+    torch.testing.assert_close(cg.fc2.weight.grad, dz.t() @ hidden.detach())
+    assert cg.fc2.weight.grad.abs().sum() > 0 and cg.fc1.weight.grad.abs().sum() > 0
 
 
 def test_cost_meter_and_hinge():
