@@ -5,7 +5,7 @@ Each module has `run(quick, device, out_dir) -> rows` and runs alone with
 benchmark and machine."""
 import importlib
 
-BENCHMARKS = ["fake_quant", "masked_conv", "quant_conv", "quant_conv_space", "dfs", "ddi", "e2train", "earlybird"]
+BENCHMARKS = ["fake_quant", "masked_conv", "quant_conv", "quant_conv_space", "dfs", "ddi", "breakdown", "e2train", "earlybird"]
 
 
 def register(subparsers):

@@ -42,15 +42,38 @@ def _draw(net, batch, p_exec, channels=None, seed=0):
     return ex, [torch.rand(batch, b.width, generator=g) < channels for b in net.blocks]
 
 
+QUARTER = list(MIXES)[1]  # ~25% FLOPs with layers and channels: the mix the targets name
+
+
+def _setup(batch: int = 128):
+    torch.manual_seed(0)
+    dense = create_model("resnet38").eval()
+    return dense, torch.randn(batch, 3, 32, 32), convert(dense).eval()
+
+
+def _row(draw, i: int, n: int = 1):
+    ex, ch = draw
+    return ex[i:i + n], None if ch is None else [c[i:i + n] for c in ch]
+
+
+def ddi_quarter(batch: int = 128):
+    """(net, fn): DDI at the QUARTER mix (batch 1: harness.REQUESTS requests in sequence)."""
+    _, x, net = _setup(128)
+    draw = _draw(net, 128, *MIXES[QUARTER])
+
+    def one(i, n=1):
+        ex, ch = _row(draw, i, n)
+        with net.forced(execute=ex, channels=ch):
+            return net(x[i:i + n])
+    return net, (lambda: one(0, batch)) if batch > 1 else harness.requests(one)
+
+
 def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False, compile: bool = True) -> list:
     harness.use_keep_memory(keep_memory)
     if device != "cpu":
         raise ValueError("bench/ddi.py measures the CPU engine; run it with --device cpu")
-    torch.manual_seed(0)
     batch = 128
-    dense = create_model("resnet38").eval()
-    x = torch.randn(batch, 3, 32, 32)
-    net = convert(dense).eval()
+    dense, x, net = _setup(batch)
     G = len(net.blocks)
     baselines = harness.dense_baselines(dense, x, "float32 ResNet-38", compile=compile)
     nchw = next(iter(baselines))
@@ -100,16 +123,30 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     rows = []
     for name, sec in med.items():
         mean_c, max_c = cost.get(name, (100.0, 100.0))
-        rows.append({"execution": name, "FLOPs % (mean)": mean_c, "FLOPs % (max sample)": max_c,
+        rows.append({"execution": name, "batch": batch, "FLOPs % (mean)": mean_c, "FLOPs % (max sample)": max_c,
                      "ms / batch": sec * 1e3, "us / image": sec * 1e6 / batch,
                      "x vs dense NCHW": t_dense / sec, "x vs best dense": best_dense / sec,
                      "x vs papers' execution": t_ref / sec})
         print(rows[-1], flush=True)
-    columns = ["execution", "FLOPs % (mean)", "FLOPs % (max sample)", "ms / batch", "us / image", "x vs dense NCHW",
-               "x vs best dense", "x vs papers' execution"]
+    # batch 1: single-image requests, each with its own row of the QUARTER mix's decisions
+    draw = draws[QUARTER]
+
+    def request(i):
+        ex, ch = _row(draw, i)
+        with net.forced(execute=ex, channels=ch):
+            return net(x[i:i + 1])
+    with torch.no_grad():
+        c1 = torch.cat([request(i)[1]["cost"] for i in range(harness.REQUESTS)])
+    b1_name = f"DDI {QUARTER}, batch 1"
+    rows1, best1 = harness.batch1_rows(
+        dense, x, "float32 ResNet-38", {b1_name: request}, compile, rounds=5 if quick else 15,
+        extra={b1_name: {"FLOPs % (mean)": 100 * float(c1.mean()), "FLOPs % (max sample)": 100 * float(c1.max())}})
+    rows += rows1
+    columns = ["execution", "batch", "FLOPs % (mean)", "FLOPs % (max sample)", "ms / batch", "us / image",
+               "x vs dense NCHW", "x vs best dense", "x vs papers' execution"]
     harness.write_results(
-        "ddi", "DDI ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "best dense": best_name, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
+        "ddi", "DDI ResNet-38 inference (batch 128 and batch 1, 32x32, eval)", rows, columns,
+        {"device": device, "best dense": best_name, "best dense at batch 1": best1, "gated blocks": G, "cost unit": "FLOPs (conv + linear, multiply-add = 2)",
          "channel masks": "channel_mode='mask': any subset of inner channels per sample (pyeff.ops.masked_conv2d)",
          "widths": "channel_mode='width': the first 25/50/75/100% of the inner channels (importance-sorted), "
                    "dense convs on sliced weights, samples grouped by width"},
@@ -118,7 +155,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
               "block (seeded draw at the stated rates); the gates still run. FLOPs % counts everything that ran "
               "(stem, first block, shortcuts, head) against the dense network; gate FLOPs (<0.1%) are not counted. "
               "x ...: speed-up over that row (higher is better), all measured in this run; best dense = the fastest dense "
-              "row (NCHW, channels_last, BN folded, and torch.compile of the last, compiled before timing). Target: >= 2.5x the dense ResNet-38 at ~4x FLOP saving (25%).")
+              "row of the same batch size (NCHW, channels_last, BN folded, torch.compile of that with and without inductor "
+              "freezing, and at batch 128 the folded and the frozen model in micro-batches of 32; compiled before timing); "
+              f"batch 1: {harness.REQUESTS} single-image requests in sequence, each its own row of the mix, ms per request. "
+              f"Targets: DDI {QUARTER} >= 2x the best dense at batch 128; not slower than the best dense at batch 1.")
     return rows
 
 

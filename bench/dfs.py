@@ -47,12 +47,9 @@ def _ref(net, d, x):
         return reference_forward(net, x)
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False, compile: bool = True) -> list:
-    harness.use_keep_memory(keep_memory)
-    if device != "cpu":
-        raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
+def _setup(batch: int = 128):
+    """(dense ResNet-38, input batch, DFS net calibrated on it, {mix: [N, G] decisions}), seeded."""
     torch.manual_seed(0)
-    batch = 128
     dense = create_model("resnet38").eval()
     x = torch.randn(batch, 3, 32, 32)
     net = convert(dense, bits=BITS).eval()
@@ -61,6 +58,27 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
     g = torch.Generator().manual_seed(0)
     dec = {name: torch.multinomial(torch.tensor(mix), batch * G, replacement=True, generator=g).view(batch, G)
            for name, mix in MIXES.items()}
+    return dense, x, net, dec
+
+
+def dfs_mix_b(batch: int = 128):
+    """(net, fn): DFS at mix B on a channels_last batch (batch 1: harness.REQUESTS requests in sequence)."""
+    _, x, net, dec = _setup(128)
+    x, d = x.contiguous(memory_format=torch.channels_last), dec["B (skip/8/32)"]
+
+    def one(i, n=1):
+        with net.fixed_decisions(d[i:i + n]):
+            return net(x[i:i + n])
+    return net, (lambda: one(0, batch)) if batch > 1 else harness.requests(one)
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: bool = False, compile: bool = True) -> list:
+    harness.use_keep_memory(keep_memory)
+    if device != "cpu":
+        raise ValueError("bench/dfs.py measures the CPU engine; run it with --device cpu")
+    batch = 128
+    dense, x, net, dec = _setup(batch)
+    G = len(net.blocks)
     xcl = x.contiguous(memory_format=torch.channels_last)
     baselines = harness.dense_baselines(dense, x, "float32 ResNet-38", compile=compile)
     nchw = next(iter(baselines))
@@ -101,24 +119,39 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
         mix = next((m for m in dec if m in name), None)
         full = "full" in name or "dense" in name
         comp = f"{pct_paper:.1f}" if name == mix_b_paper else (f"{pct[mix]:.1f}" if mix else ("100" if full else "-"))
-        rows.append({"execution": name, "computation %": comp,
+        rows.append({"execution": name, "batch": batch, "computation %": comp,
                      "ms / batch": sec * 1e3, "us / image": sec * 1e6 / batch,
                      "x vs dense NCHW": t_dense / sec, "x vs best dense": best_dense / sec,
                      "x vs reference": (med[ref_paper] if PAPER in name else t_ref) / sec})
         print(rows[-1], flush=True)
-    columns = ["execution", "computation %", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense", "x vs reference"]
+    # batch 1: single-image requests, each with its own row of mix B's decisions
+    xcl_b, d_b = xcl, dec["B (skip/8/32)"]
+
+    def request(i):
+        with net.fixed_decisions(d_b[i:i + 1]):
+            return net(xcl_b[i:i + 1])
+    with torch.no_grad():
+        pct1 = 100 * float(torch.stack([request(i)[1]["cost"] for i in range(harness.REQUESTS)]).mean())
+    b1_name = "DFS mix B (skip/8/32), batch 1"
+    rows1, best1 = harness.batch1_rows(dense, x, "float32 ResNet-38", {b1_name: request}, compile,
+                                       rounds=5 if quick else 15, extra={b1_name: {"computation %": f"{pct1:.1f}"}})
+    rows += rows1
+    columns = ["execution", "batch", "computation %", "ms / batch", "us / image", "x vs dense NCHW", "x vs best dense",
+               "x vs reference"]
     harness.write_results(
-        "dfs", "DFS ResNet-38 inference (batch 128, 32x32, eval)", rows, columns,
-        {"device": device, "best dense": best_name, "bit set": f"{BITS} (rows marked otherwise: {PAPER_BITS})",
+        "dfs", "DFS ResNet-38 inference (batch 128 and batch 1, 32x32, eval)", rows, columns,
+        {"device": device, "best dense": best_name, "best dense at batch 1": best1, "bit set": f"{BITS} (rows marked otherwise: {PAPER_BITS})",
          "decision mixes (share of sample-blocks per choice skip/4/8/16/32)": "; ".join(
              f"{k}: {v}" for k, v in MIXES.items()),
          "gated blocks": G},
         out_dir, device, keep_memory=keep_memory,
         notes="Medians of round-robin timings (per round, two untimed then one timed call of each variant). Decisions fixed per sample and block (seeded draw from the mix above), the gate still runs. "
               "x ...: speed-up over that row (higher is better), all measured in this run; best dense = the fastest "
-              "dense row (NCHW, channels_last, BN folded, and torch.compile of the last, compiled before timing); x vs reference = against the reference-style execution of the same bit set "
-              "(the rows marked with the paper's bit set against its own reference). Targets: >= 2x the dense float32 model, >= 10x the reference-style "
-              "execution.")
+              "dense row of the same batch size (NCHW, channels_last, BN folded, torch.compile of that with and without inductor freezing, "
+              "and at batch 128 the folded and the frozen model in micro-batches of 32; compiled before timing); batch 1: "
+              f"{harness.REQUESTS} single-image requests in sequence (DFS: each its own row of mix B), ms per request; x vs reference = against the reference-style execution of the same bit set "
+              "(the rows marked with the paper's bit set against its own reference). Targets: mix B >= 2x the best dense at batch 128, not slower than the best dense at batch 1, >= 10x the "
+              "reference-style execution.")
     return rows
 
 

@@ -123,14 +123,46 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
 
 
 # the dense network as a user would deploy it: one builder, shared with `pyeff reproduce`
-from pyeff.experiments.measure import (DENSE_CL, DENSE_COMPILED, DENSE_FOLDED, DENSE_NCHW,  # noqa: E402,F401
-                                       dense_baselines)
+from pyeff.experiments.measure import (DENSE_CL, DENSE_COMPILED, DENSE_FOLDED, DENSE_FROZEN,  # noqa: E402,F401
+                                       DENSE_NCHW, MICRO_BATCH, dense_baselines, micro_batched)
 
 
 def best_dense(medians: dict, baselines: dict) -> tuple[str, float]:
     """(row name, seconds) of the fastest dense baseline row measured in this run."""
     name = min(baselines, key=lambda k: medians[k])
     return name, medians[name]
+
+
+REQUESTS = 16  # batch-1 latency: this many single-image requests in sequence, the mean per request
+
+
+def requests(fn_of_row, n: int = REQUESTS):
+    """A callable serving `n` single-image requests in sequence (`fn_of_row(i)` serves request i,
+    e.g. row i of a batch with its own decisions): its time / n is the batch-1 latency."""
+    def f():
+        for i in range(n):
+            fn_of_row(i)
+    return f
+
+
+def batch1_rows(dense, x, label: str, dynamic: dict, compile: bool, rounds: int, extra: dict | None = None) -> tuple:
+    """Batch-1 latency of every dense deployment variant of `dense` (on x[:1]) and of each
+    `dynamic` {name: fn_of_row} (REQUESTS requests in sequence), timed round-robin. Returns (rows,
+    best dense row name): ms per request and the ratios against the NCHW and the best dense."""
+    base = dense_baselines(dense, x[:1], f"{label}, batch 1", compile=compile)
+    fns = {k: requests(lambda i, f=f: f()) for k, f in base.items()}
+    fns.update({k: requests(f) for k, f in dynamic.items()})
+    with torch.no_grad():
+        med = interleaved_medians(fns, rounds=rounds, settle=1)
+    nchw = next(iter(base))
+    best_name, best = best_dense(med, base)
+    rows = []
+    for name, sec in med.items():
+        ms = sec * 1e3 / REQUESTS
+        rows.append({"execution": name, "batch": 1, "ms / batch": ms, "us / image": 1e3 * ms,
+                     "x vs dense NCHW": med[nchw] / sec, "x vs best dense": best / sec, **(extra or {}).get(name, {})})
+        print(rows[-1], flush=True)
+    return rows, best_name
 
 
 def use_keep_memory(keep: bool) -> None:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyeff.dfs.config import FULL, TRAIN_MODES, check_bits
-from pyeff.dynamic import masked_all_paths, route
+from pyeff.dynamic import masked_all_paths, route, straight_through
 from pyeff.dynamic.modules import batch_norm, bn_affine, bn_foldable, relu_
 from pyeff.dynamic.net import Controller, DynamicBlock
 from pyeff.nn import quant_conv2d_of
@@ -219,12 +219,17 @@ class DFSBlock(DynamicBlock):
             # see DFSNet.channels_last
             x = x.contiguous(memory_format=torch.channels_last if ctl.channels_last else torch.contiguous_format)
         g = ctl.gate(x, self.index)
-        decisions, weights = g.decisions, g.weights
+        decisions = g.decisions
         if ctl.forced is not None:
             f = ctl.forced
             decisions = (f[:, self.index] if f.dim() == 2 else f[self.index].expand(x.shape[0])).to(x.device)
-            weights = F.one_hot(decisions, len(self.bits)).to(weights.dtype) - g.probs.detach() + g.probs
         ctl.decisions.append(decisions)
-        ctl.block_costs.append(weights @ ctl.costs.to(weights.dtype))
+        if ctl.training or torch.is_grad_enabled():  # the cost carries the gate's gradient
+            weights = g.weights if ctl.forced is None else straight_through(
+                F.one_hot(decisions, len(self.bits)).to(g.probs.dtype), g.probs)
+            ctl.block_costs.append(weights @ ctl.costs.to(weights.dtype))
+        else:
+            weights = None
+            ctl.block_costs.append(ctl.costs[decisions])
         use_w = weights if (ctl.training and torch.is_grad_enabled()) else None
         return self.execute(x, decisions, use_w, ctl.training, ctl.execution, inplace=ctl.inplace_skip)

@@ -9,7 +9,6 @@ straight-through gradient backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -22,11 +21,32 @@ def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     return hard - soft.detach() + soft
 
 
-@dataclass
 class GateOutput:
-    decisions: Tensor  # [N] int64 choice per sample
-    weights: Tensor    # [N, K] one-hot forward, straight-through softmax backward
-    probs: Tensor      # [N, K] softmax
+    """A gate's answer for a batch: `decisions` [N] int64 choice per sample, `probs` [N, K] softmax,
+    `weights` [N, K] one-hot forward with the straight-through softmax gradient backward. At
+    inference `probs` and `weights` are computed only if asked for (most callers need only the
+    decisions: a single image's gate is then half the ops)."""
+
+    __slots__ = ("decisions", "_logits", "_probs", "_weights")
+
+    def __init__(self, decisions: Tensor, weights: Tensor | None = None, probs: Tensor | None = None,
+                 logits: Tensor | None = None):
+        if probs is None and logits is None:
+            raise ValueError("GateOutput needs probs or logits")
+        self.decisions, self._weights, self._probs, self._logits = decisions, weights, probs, logits
+
+    @property
+    def probs(self) -> Tensor:
+        if self._probs is None:
+            self._probs = self._logits.softmax(dim=1)
+        return self._probs
+
+    @property
+    def weights(self) -> Tensor:
+        if self._weights is None:
+            hard = F.one_hot(self.decisions, self.probs.shape[1]).to(self.probs.dtype)
+            self._weights = straight_through(hard, self.probs)
+        return self._weights
 
 
 class RecurrentGate(nn.Module):
@@ -67,10 +87,21 @@ class RecurrentGate(nn.Module):
         if not 0 <= block < len(self.proj):
             raise IndexError(f"block {block} out of range for a gate over {len(self.proj)} blocks")
         if pooled is None:
-            pooled = F.adaptive_avg_pool2d(feature, 1).flatten(1)
-        e = F.linear(pooled, self.proj[block].weight.flatten(1), self.proj[block].bias)
+            pooled = feature.mean((2, 3))
+        proj = self.proj[block]
+        e = F.linear(pooled, proj.weight.flatten(1), proj.bias)
         if self._state is not None and self._state[0].shape[0] != e.shape[0]:
             raise RuntimeError("batch size changed between blocks: call gate.reset() before each batch")
+        if not (self.training or torch.is_grad_enabled()):  # inference: the decisions, few ops
+            cell = self.cell
+            state = self._state
+            if state is None:
+                z = e.new_zeros(e.shape[0], cell.hidden_size)
+                state = (z, z)
+            h, c = torch.lstm_cell(e, state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+            self._state = (h, c)
+            logits = F.linear(h, self.head.weight, self.head.bias)
+            return GateOutput(logits.argmax(dim=1), logits=logits)
         h, c = self.cell(e, self._state)
         self._state = (h, c)
         logits = self.head(h)

@@ -52,6 +52,12 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
     if decisions.shape != (n,):
         raise ValueError(f"decisions must have shape ({n},) for a batch of {n}, got {tuple(decisions.shape)}")
     num_choices = len(paths)
+    if n == 1:  # one sample (a single request): its path, with no grouping
+        k = int(decisions[0])
+        if not 0 <= k < num_choices:
+            raise ValueError(f"a decision is outside [0, num_choices={num_choices})")
+        out = paths[k](x, *extras)
+        return out if weights is None else out * _expand(weights[:, k], out)
     groups = group_indices(decisions.to(torch.int64), num_choices)
     active = [k for k, g in enumerate(groups) if g is not None]
     if len(active) == 1:  # the whole batch took one path

@@ -143,15 +143,29 @@ DENSE_NCHW = "NCHW eager"
 DENSE_CL = "channels_last"
 DENSE_FOLDED = "channels_last, BN folded (torch.fx fuse)"
 DENSE_COMPILED = "channels_last, BN folded, torch.compile"
+DENSE_FROZEN = "channels_last, BN folded, torch.compile with inductor freezing"
+MICRO_BATCH = 32
 
 
-def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile: bool = True) -> dict:
+def micro_batched(fn, x: torch.Tensor, size: int = MICRO_BATCH):
+    """A thunk running fn over `x` in micro-batches of `size` samples (outputs concatenated):
+    `pyeff.dynamic.modules.run_micro_batched`, which says why that is faster on CPUs."""
+    from pyeff.dynamic.modules import run_micro_batched
+
+    return lambda: run_micro_batched(fn, x, size)
+
+
+def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile: bool = True,
+                    micro_batch: int | None = MICRO_BATCH) -> dict:
     """The dense network as a user who cares about speed would deploy it, every variant a callable
-    on `x` ({row name: fn}): NCHW eager, channels_last, channels_last with BatchNorm folded into the
-    convs, and torch.compile of the folded channels_last model (the fastest eager variant on these
-    CPUs; compiled and warmed up here, so compile time is outside every timing). `label` names the
-    network in the row names. Every benchmark (bench/harness.best_dense) and every experiment
-    (`best_dense_latency`) takes its "best dense" from these rows, measured in its own run."""
+    on `x` ({row name: fn}, the NCHW eager one first): NCHW eager, channels_last, channels_last
+    with BatchNorm folded into the convs, torch.compile of the folded model, and the same with
+    inductor's freezing (weights as constants: oneDNN's prepacked convs with the ReLU and residual
+    add fused). With `micro_batch` smaller than the batch, the folded model and the best compiled
+    one also run in micro-batches of that many samples (outputs concatenated). Compiled variants
+    are compiled and warmed up here, outside every timing. `label` names the network in the row
+    names. Every benchmark (bench/harness.best_dense) and every experiment (`best_dense_latency`)
+    takes its "best dense" from these rows, measured in its own run."""
     import copy
 
     from torch.fx.experimental.optimization import fuse
@@ -160,15 +174,27 @@ def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile
     xcl = x.contiguous(memory_format=torch.channels_last)
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     folded = fuse(cl)
-    fns = {f"dense {label} ({DENSE_NCHW})": lambda: model(x),
-           f"dense {label} ({DENSE_CL})": lambda: cl(xcl),
-           f"dense {label} ({DENSE_FOLDED})": lambda: folded(xcl)}
+    micro = micro_batch is not None and 0 < micro_batch < x.shape[0]
+    row = lambda what: f"dense {label} ({what})"  # noqa: E731
+    fns = {row(DENSE_NCHW): lambda: model(x),
+           row(DENSE_CL): lambda: cl(xcl),
+           row(DENSE_FOLDED): lambda: folded(xcl)}
+    if micro:
+        fns[row(f"{DENSE_FOLDED}, micro-batches of {micro_batch}")] = micro_batched(folded, xcl, micro_batch)
     if compile:
+        import torch._inductor.config as inductor_config
+
         compiled = torch.compile(folded)
-        with torch.no_grad():
-            for _ in range(2):  # compilation and its first-run autotuning happen here
-                compiled(xcl)
-        fns[f"dense {label} ({DENSE_COMPILED})"] = lambda: compiled(xcl)
+        with inductor_config.patch(freezing=True):
+            frozen = torch.compile(fuse(copy.deepcopy(cl)))
+            with torch.no_grad():  # compilation (per input shape) and first-run autotuning happen here
+                compiled(xcl), compiled(xcl)
+                for inp in [xcl] + (list(xcl.split(micro_batch)) if micro else []):
+                    frozen(inp), frozen(inp)
+        fns[row(DENSE_COMPILED)] = lambda: compiled(xcl)
+        fns[row(DENSE_FROZEN)] = lambda: frozen(xcl)
+        if micro:
+            fns[row(f"{DENSE_FROZEN}, micro-batches of {micro_batch}")] = micro_batched(frozen, xcl, micro_batch)
     return fns
 
 
