@@ -166,6 +166,10 @@ class DDIBlock(DynamicBlock):
                   training: bool = False, shortcut: Tensor | None = None) -> Tensor:
         if hard is not None and not training and bool(hard.all()):
             hard = None  # every inner channel on: the plain convs
+        if hard is not None and not training and not x.is_contiguous():
+            # NCHW, the masked kernels' layout: only the executed samples turn (not the whole batch)
+            x = x.contiguous()
+            shortcut = None if shortcut is None else shortcut.contiguous()
         return self._execute(x, _Masks(soft, hard, training, self._folding()), shortcut)
 
     def run(self, x: Tensor, execute: Tensor, layer_weights: Tensor | None, soft: Tensor | None,

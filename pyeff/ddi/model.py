@@ -79,12 +79,6 @@ def _scale_grad(x: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(x, float(scale))
 
 
-def _masks_run(hard: Tensor | None, execute: Tensor) -> bool:
-    """Whether an executed sample has an inactive inner channel (the block then runs masked_conv2d);
-    no executed sample selects nothing, whose all() is True."""
-    return hard is not None and not bool(hard[execute].all())
-
-
 class DDIController(Controller):
     """Per-forward state shared by the blocks of one DDINet: the costs spent so far, the decisions
     made, forced decisions, and the budget logic that tightens them."""
@@ -154,8 +148,8 @@ class DDIController(Controller):
         else:
             r = soft.mean(1)
         self._account(cb, execute, layer_w, r)
-        if not training and not x.is_contiguous() and (not net.channels_last or _masks_run(hard, execute)):
-            x = x.contiguous()  # NCHW: the masked kernels' layout (see DDINet.channels_last)
+        if not training and not x.is_contiguous() and not net.channels_last:
+            x = x.contiguous()  # NCHW throughout (see DDINet.channels_last; masked groups turn in exec_path)
         return blk.run(x, execute, layer_w, soft, hard, training, self._mode(), inplace=self.inplace_skip)
 
     def _mode(self) -> str:
@@ -284,9 +278,9 @@ class DDINet(DynamicNet):
         self.collect_exits = False
         # inference on the CPU: the stem and the ungated first block run channels_last (oneDNN is
         # 2-4x faster there at 16 channels than on NCHW, measured); `channels_last` keeps a gated
-        # block in that layout too when its executed samples run plain convs, and turns it to NCHW
-        # when channel masks run (masked_conv2d is 2-6% faster there). False: every gated block
-        # runs NCHW. A/B on ResNet-38, batch 128, in docs/ddi.md.
+        # block in that layout; a group of executed samples whose channel masks run turns to NCHW
+        # (masked_conv2d is 2-6% faster there; only that group is copied, not the batch). False:
+        # every gated block runs NCHW. A/B on ResNet-38, batch 128, in docs/ddi.md.
         self.stem_channels_last = True
         self.channels_last = True
         self.cost_unit = config.cost
