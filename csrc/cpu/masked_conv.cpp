@@ -18,7 +18,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <array>
 #include <type_traits>
@@ -277,87 +276,6 @@ TileFn pick_tile(int kt, int r) {
   return table[kt - 1][r - 1];
 }
 
-// Channel-vector tiles, for small planes: a sample's active output channels are packed and
-// vectorised 16 at a time (its weights gathered once per sample into [in][tap][out] rows), and a
-// register tile holds R output pixels of one row x NV channel vectors. Each tap of each pixel is
-// one broadcast shared by NV FMAs. Unlike the pixel-vector tiles, no gap column of the flat plane
-// is computed (1/5 of the work at 8 px) and a sample's outputs are never split into narrow tiles;
-// the cost is the lanes past the last active channel of the last vector. The results go to a
-// [pixels][channels] buffer and are transposed into the NCHW output planes.
-constexpr int kMaxNV = 4;                              // up to 64 active output channels
-constexpr int kMaxRK = 14;                             // pixels per tile at NV = 1
-constexpr int kRForNV[kMaxNV + 1] = {0, 14, 12, 7, 6};  // R * NV + NV + 1 <= 32 zmm registers
-
-template <int NV, int R>
-__attribute__((target("avx512f"))) void ktile_avx512(const float* xb, int64_t bstride, const float* wp,
-                                                     int64_t nkp, int64_t nc, const int64_t* tap_off,
-                                                     int64_t taps, const float* bv, float* out) {
-  __m512 acc[R][NV];
-  for (int v = 0; v < NV; ++v) {
-    const __m512 b0 = _mm512_loadu_ps(bv + 16 * v);
-    for (int r = 0; r < R; ++r) acc[r][v] = b0;
-  }
-  for (int64_t i = 0; i < nc; ++i) {
-    const float* xc = xb + i * bstride;
-    const float* wc = wp + i * taps * nkp;
-    for (int64_t t = 0; t < taps; ++t) {
-      __m512 wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wc + t * nkp + 16 * v);
-      const float* xt = xc + tap_off[t];
-      for (int r = 0; r < R; ++r) {
-        const __m512 b = _mm512_set1_ps(xt[r]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + r * nkp + 16 * v, acc[r][v]);
-}
-
-using KTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const int64_t*, int64_t,
-                         const float*, float*);
-
-template <int NV, int R>
-constexpr KTileFn ktile_or_null() {
-  if constexpr (R <= kRForNV[NV]) return &ktile_avx512<NV, R>;
-  return nullptr;
-}
-
-template <int NV, int... Rs>
-constexpr std::array<KTileFn, sizeof...(Rs)> ktiles_for(std::integer_sequence<int, Rs...>) {
-  return {ktile_or_null<NV, Rs + 1>()...};
-}
-
-template <int... NVs>
-constexpr std::array<std::array<KTileFn, kMaxRK>, sizeof...(NVs)> ktile_table(std::integer_sequence<int, NVs...>) {
-  return {ktiles_for<NVs + 1>(std::make_integer_sequence<int, kMaxRK>{})...};
-}
-
-KTileFn pick_ktile(int nv, int r) {
-  static constexpr auto table = ktile_table(std::make_integer_sequence<int, kMaxNV>{});
-  return table[nv - 1][r - 1];
-}
-
-// Which tiles a sample runs: PYEFF_MASKED_CONV_VECTORISE=pixels|channels forces one (tests,
-// benchmarks); by default the one with fewer wasted lanes, channels winning ties on small planes.
-enum class Vectorise { kAuto, kPixels, kChannels };
-
-Vectorise vectorise_setting() {
-  const char* v = std::getenv("PYEFF_MASKED_CONV_VECTORISE");
-  if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) return Vectorise::kAuto;
-  if (std::strcmp(v, "pixels") == 0) return Vectorise::kPixels;
-  if (std::strcmp(v, "channels") == 0) return Vectorise::kChannels;
-  TORCH_CHECK(false, "PYEFF_MASKED_CONV_VECTORISE must be auto, pixels or channels, got '", v, "'");
-}
-
-bool channel_tiles(Vectorise mode, const Geom& g, const PadPlan& p, int64_t nk) {
-  if (nk > 16 * kMaxNV || nk == 0 || mode == Vectorise::kPixels) return false;
-  if (mode == Vectorise::kChannels) return true;
-  const double pix_used = double(g.OH * g.OW) / double(p.nvec * 16);  // lanes that are output pixels
-  const double ch_used = double(nk) / double((nk + 15) / 16 * 16);    // lanes that are active channels
-  return ch_used >= pix_used;
-}
-
 // rows of `width` floats from stride `src_stride` to stride `dst_stride` (short rows: no memcpy call
 // per row, which costs as much as the copy at 8-16 px)
 __attribute__((target("avx512f"))) void copy_rows(float* dst, int64_t dst_stride, const float* src,
@@ -384,11 +302,9 @@ void forward_avx512(const Geom& g, const float* x, const float* w, const float* 
                     const std::vector<int32_t>& kidx, const std::vector<int64_t>& koff, float* y) {
   const PadPlan p = make_plan(g);
   const int64_t taps = g.taps(), plane = g.H * g.W, oplane = g.OH * g.OW;
-  const Vectorise mode = vectorise_setting();
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> buf;  // the sample's active input channels, padded (borders stay zero)
     std::vector<int64_t> woff(g.C);
-    std::vector<float> wp, bv, tbuf;  // channel tiles: packed weights, biases, [pixels][channels]
     for (int64_t n = n0; n < n1; ++n) {
       float* yn = y + n * g.K * oplane;
       const int64_t nk = koff[n + 1] - koff[n];
@@ -413,32 +329,6 @@ void forward_avx512(const Geom& g, const float* x, const float* w, const float* 
         float* dst = buf.data() + i * p.len + p.lead;
         copy_rows(dst, p.Wp, src, g.W, g.H, g.W);
         woff[i] = cs[i] * taps;
-      }
-      if (channel_tiles(mode, g, p, nk)) {
-        const int64_t nkp = (nk + 15) / 16 * 16;
-        const int nv = static_cast<int>(nkp / 16);
-        wp.assign(std::max<int64_t>(nc, 1) * taps * nkp, 0.f);
-        for (int64_t i = 0; i < nc; ++i)
-          for (int64_t j = 0; j < nk; ++j) {
-            const float* src = w + (static_cast<int64_t>(ks[j]) * g.C + cs[i]) * taps;
-            for (int64_t t = 0; t < taps; ++t) wp[(i * taps + t) * nkp + j] = src[t];
-          }
-        bv.assign(nkp, 0.f);
-        for (int64_t j = 0; j < nk; ++j) bv[j] = bias ? bias[ks[j]] : 0.f;
-        tbuf.resize(oplane * nkp);
-        const int rmax = kRForNV[nv];
-        for (int64_t oh = 0; oh < g.OH; ++oh)
-          for (int64_t ow = 0; ow < g.OW; ow += rmax) {
-            const int r = static_cast<int>(std::min<int64_t>(rmax, g.OW - ow));
-            pick_ktile(nv, r)(buf.data() + oh * p.Wp + ow, p.len, wp.data(), nkp, nc, p.tap_off.data(), taps,
-                              bv.data(), tbuf.data() + (oh * g.OW + ow) * nkp);
-          }
-        for (int64_t j = 0; j < nk; ++j) {
-          float* dst = yn + static_cast<int64_t>(ks[j]) * oplane;
-          const float* src = tbuf.data() + j;
-          for (int64_t q = 0; q < oplane; ++q) dst[q] = src[q * nkp];
-        }
-        continue;
       }
       // split the active channels into ceil(nk / 4) tiles as evenly as possible
       const int64_t ntiles = (nk + kMaxKT - 1) / kMaxKT;
