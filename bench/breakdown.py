@@ -4,7 +4,9 @@ quantisers, element-wise ops), and the rest of the wall time (Python and dispatc
 
     python bench/breakdown.py [--quick]        (or: pyeff bench -k breakdown)
 
-DFS mix B and DDI at ~25% FLOPs on ResNet-38, batch 128 and batch 1.
+DFS mix B and DDI at ~25% FLOPs on ResNet-38, batch 128 and batch 1. A second table
+(`ceiling-<machine>`) times, at batch 128, each forward against the same work with deciding and
+routing taken away: the ceiling of executing per group with these kernels.
 
 Used by bench/dfs.py and bench/ddi.py for their breakdown tables. The gate and the router's
 steps are marked as profiler scopes only while profiling (hooks and wrappers put on here and
@@ -122,6 +124,82 @@ def rows_of(label: str, b: dict) -> list:
     return rows
 
 
+def _block_inputs(blocks, forward) -> dict:
+    """{block index: a copy of its input} from one run of `forward`."""
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].clone()))
+             for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+def compute_only(compile: bool = True, rounds: int = 15) -> list:
+    """The measured ceiling of per-group execution at batch 128: each net's whole forward against
+    the same work with deciding and routing taken away (the static stem and first block, plus each
+    block's executed paths run on groups gathered beforehand: no gate, grouping, gather or scatter),
+    all beside the dense deployment variants, round-robin in one run."""
+    from pyeff.bench.ddi import MIXES, QUARTER, _draw, convert as ddi_convert
+    from pyeff.bench.dfs import _setup
+    from pyeff.dynamic.router import gather_rows, group_indices
+
+    dense, x, net, dec = _setup(128)
+    x = x.contiguous(memory_format=torch.channels_last)
+    d = dec["B (skip/8/32)"]
+
+    def dfs_full():
+        with net.fixed_decisions(d):
+            return net(x)
+    work = []
+    for i, x_in in _block_inputs(net.blocks, dfs_full).items():
+        blk = net.blocks[i]
+        for k, idx in enumerate(group_indices(d[:, i], len(blk.bits))):
+            if idx is not None and blk.bits[k] != 0:
+                work.append((blk, k, gather_rows(x_in.contiguous(memory_format=torch.channels_last), idx)))
+
+    dnet = ddi_convert(dense).eval()
+    ex, ch = _draw(dnet, 128, *MIXES[QUARTER])
+
+    def ddi_full():
+        with dnet.forced(execute=ex, channels=ch):
+            return dnet(x)
+    dwork = []
+    for i, x_in in _block_inputs(dnet.blocks, ddi_full).items():
+        idx = ex[:, i].nonzero().flatten()
+        if idx.numel():
+            dwork.append((dnet.blocks[i], gather_rows(x_in.contiguous(memory_format=torch.channels_last), idx),
+                          ch[i].index_select(0, idx)))
+
+    def paths_of(w, n):
+        if n is net:
+            return lambda: [blk.paths("engine")[k](xg) for blk, k, xg in w]
+        return lambda: [blk.exec_path(xg, None, h, False, None) for blk, xg, h in w]
+
+    def static(n):
+        return lambda: n.model.layer1[0](n.model.stem(x))
+    base = harness.dense_baselines(dense, x, "float32 ResNet-38", compile=compile)
+    fns = {**base,
+           "DFS mix B: whole forward": dfs_full, "DFS mix B: static stem + first block": static(net),
+           "DFS mix B: executed paths on groups gathered beforehand": paths_of(work, net),
+           f"DDI {QUARTER}: whole forward": ddi_full, f"DDI {QUARTER}: static stem + first block": static(dnet),
+           f"DDI {QUARTER}: executed paths on groups gathered beforehand": paths_of(dwork, dnet)}
+    with torch.no_grad():
+        med = harness.interleaved_medians(fns, rounds=rounds, settle=1)
+    best_name, best = harness.best_dense(med, base)
+    rows = [{"execution": k, "ms / batch": v * 1e3, "x vs best dense": best / v} for k, v in med.items()]
+    for label in ("DFS mix B", f"DDI {QUARTER}"):
+        t = med[f"{label}: static stem + first block"] + med[f"{label}: executed paths on groups gathered beforehand"]
+        rows.append({"execution": f"{label}: ceiling without deciding and routing (static + paths)",
+                     "ms / batch": t * 1e3, "x vs best dense": best / t})
+    for r in rows:
+        print(r, flush=True)
+    return rows, best_name
+
+
 def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
     from pyeff.bench.ddi import QUARTER, ddi_quarter
     from pyeff.bench.dfs import dfs_mix_b
@@ -142,6 +220,15 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None) -> list:
                                 "the gate or the router's grouping / gather / scatter counts there. Python and "
                                 "dispatch = unprofiled median wall time - all op times (a lower bound: the profiler "
                                 "inflates the ops). Batch 1: ms per request.")
+    ceiling, best_name = compute_only(compile=not quick, rounds=3 if quick else 15)
+    harness.write_results("ceiling", "DFS / DDI ResNet-38 at batch 128 without deciding and routing: the ceiling of "
+                          "per-group execution", ceiling, ["execution", "ms / batch", "x vs best dense"],
+                          {"device": device, "best dense": best_name}, out_dir, device,
+                          notes="Round-robin medians in one run. 'executed paths on groups gathered beforehand' runs, "
+                                "for every gated block, the chosen paths on their samples gathered outside the timing "
+                                "(no gate, grouping, gather, scatter or block bookkeeping); with the static stem and "
+                                "first block it is what the forward would cost if deciding and routing were free. The "
+                                "head (pool + linear) is left out of both (it is under 0.1 ms).")
     return rows
 
 
