@@ -8,8 +8,9 @@
    torchvision's resnet50 (the most BatchNorm channels).
 2. Slimmed networks: torchvision resnet18 at 32x32, batch 128, slimmed by `pyeff.prune.slim` at pruning
    ratios 0.5 and 0.7 (a global BN-scale mask on random |scales|, as EarlyBird draws it), against the dense
-   network: inference (eval, no grad) in every deployment variant (NCHW eager, channels_last, BN folded,
-   torch.compile of the folded channels_last model), the best of each side compared; and one training
+   network: inference (eval, no grad) in every deployment variant (`dense_baselines`: NCHW eager,
+   channels_last, BN folded, torch.compile of the folded model with and without inductor freezing,
+   micro-batches of 32), the best of each side compared; and one training
    step (forward, cross-entropy, backward, SGD) NCHW and channels_last, the best of each side. Beside each
    speed-up: the FLOPs ratio and the share of it realised (speed-up / FLOPs ratio).
 3. Masked sparse training at ratio 0.5: a training step of the dense resnet18 with `apply_mask` (the
@@ -252,7 +253,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, compile: bool = 
                "target"]
     notes = ("Targets (the issue's): detection overhead < 1% of an epoch; the slimmed resnet18 realises >= 85% of its "
              "FLOPs ratio as speed at ratio 0.5 and >= 50% at 0.7 (best deployment variant of each side: NCHW, "
-             "channels_last, BN folded, torch.compile; training: the best of NCHW and channels_last); a masked "
+             "channels_last, BN folded, torch.compile with and without freezing, micro-batches of 32; training: the best "
+             "of NCHW and channels_last); a masked "
              "training step at ratio 0.5 >= 1.5x faster than the dense step and within 1.25x of the slim step. "
              "'speed-up' is against the part's dense row (higher is better). Masks: EarlyBird's global BN-scale mask "
              "on uniformly drawn |scales|.")
