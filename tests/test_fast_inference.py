@@ -1,7 +1,7 @@
 """The inference shortcuts of the dynamic networks give the same answers as the plain paths: the
-static stem and first block in micro-batches, the recurrent gate's decisions-only path, a single
-sample routed without grouping; the dense baselines every benchmark compares against compute the
-dense network; the time breakdown accounts for the wall time and leaves nothing patched."""
+recurrent gate's decisions-only path, a single sample routed without grouping; the dense
+baselines every benchmark compares against (micro-batches included) compute the dense network;
+the time breakdown's scopes leave nothing patched."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +11,7 @@ import pyeff.ddi
 import pyeff.dfs
 from pyeff.dynamic import RecurrentGate, route
 from pyeff.dynamic import router
-from pyeff.dynamic.modules import run_micro_batched
-from pyeff.experiments.measure import dense_baselines
+from pyeff.experiments.measure import dense_baselines, micro_batched
 from pyeff.models import create_model
 from conftest import randomise_bn
 
@@ -27,38 +26,17 @@ def _net(method, rng):
     return net
 
 
-@pytest.mark.parametrize("method", ["dfs", "ddi"])
-def test_micro_batched_static_parts_change_nothing(method, rng):
-    net = _net(method, rng)
-    x = torch.randn(37, 3, 32, 32, generator=rng)  # not a multiple of the micro-batch
-    # DFS: skip / full precision (see test_single_requests_equal_the_batch on low bit widths)
-    d = torch.randint(0, 2, (37, len(net.blocks)), generator=rng) * (len(net.bits) - 1) if method == "dfs" else None
-    outs = {}
-    with torch.no_grad():
-        for mb in (None, 8, 32):
-            net._ctl.micro_batch = mb
-            if d is None:
-                logits, aux = net(x)
-            else:
-                with net.fixed_decisions(d):
-                    logits, aux = net(x)
-            outs[mb] = (logits, aux["cost"])
-    for mb in (8, 32):
-        torch.testing.assert_close(outs[mb][0], outs[None][0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(outs[mb][1], outs[None][1])
-
-
-def test_run_micro_batched_splits_only_large_cpu_batches(rng):
+def test_micro_batched_splits_only_larger_batches(rng):
     calls = []
 
     def fn(t):
         calls.append(t.shape[0])
         return t * 2
     x = torch.randn(10, 3, generator=rng)
-    torch.testing.assert_close(run_micro_batched(fn, x, 4), x * 2)
+    torch.testing.assert_close(micro_batched(fn, x, 4)(), x * 2)
     assert calls == [4, 4, 2]
     calls.clear()
-    run_micro_batched(fn, x, None), run_micro_batched(fn, x, 10)
+    micro_batched(fn, x, None)(), micro_batched(fn, x, 10)()
     assert calls == [10, 10]
 
 

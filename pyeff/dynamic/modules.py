@@ -97,16 +97,6 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
-def run_micro_batched(fn: Callable[[Tensor], Tensor], x: Tensor, size: int | None) -> Tensor:
-    """fn(x) as fn over micro-batches of `size` samples, outputs concatenated (for an fn that treats
-    samples independently: inference). On CPUs a batch's activations (8 MB at 128 x 16 x 32 x 32)
-    fall out of the caches and each fresh one is faulted in again; a micro-batch of 32 stays
-    resident (a 2-core AMD EPYC: a dense ResNet-38 folded eager 140 -> 78 ms at batch 128)."""
-    if size is None or x.shape[0] <= size or x.device.type != "cpu":
-        return fn(x)
-    return torch.cat([fn(c) for c in x.split(size)])
-
-
 def fused_sequential(seq: nn.Sequential, x: Tensor) -> Tensor:
     """An nn.Sequential at inference with each Conv2d -> eval BatchNorm2d pair run as one conv and
     each ReLU in place on the fresh activation before it."""

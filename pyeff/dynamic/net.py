@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pyeff.dynamic.blocks import BlockSpec, block_spec, find_supported, supported_blocks
 from pyeff.dynamic.gates import RecurrentGate
 from pyeff.dynamic.modules import (batch_norm, bn_foldable, fold_bn, fused_sequential, relu_, replace_submodule,
-                                   run_micro_batched, swapped)
+                                   swapped)
 
 EXECUTIONS = ("routed", "masked")
 # training: "all" paths on every sample, then the decisions as straight-through masks (the
@@ -45,9 +45,6 @@ class Controller:
         self.inplace_skip = True     # inference: identity-skip blocks write into their input
         self.fold_bn = True          # inference: BatchNorm folded into the conv before it
         self.channels_last = False   # inference: the gated blocks' activation layout
-        # CPU inference: the static stem and first block run in micro-batches of this many samples
-        # (activations stay in cache; pyeff.dynamic.modules.run_micro_batched); None: whole batch
-        self.micro_batch: int | None = 32
 
 
 class DynamicBlock(nn.Module):
@@ -116,7 +113,7 @@ class StaticBlock(DynamicBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.training or torch.is_grad_enabled() or not self._folding():
             return self.block(x)
-        return run_micro_batched(self.run_full, x, None if self._ctl is None else self._ctl.micro_batch)
+        return self.run_full(x)
 
 
 class FusedSequential(nn.Sequential):
@@ -128,8 +125,7 @@ class FusedSequential(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if self.training or torch.is_grad_enabled() or (self._ctl is not None and not self._ctl.fold_bn):
             return super().forward(x)
-        return run_micro_batched(lambda c: fused_sequential(self, c), x,
-                                 None if self._ctl is None else self._ctl.micro_batch)
+        return fused_sequential(self, x)
 
 
 class DynamicNet(nn.Module):

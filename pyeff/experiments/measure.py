@@ -148,11 +148,15 @@ MICRO_BATCH = 32
 
 
 def micro_batched(fn, x: torch.Tensor, size: int = MICRO_BATCH):
-    """A thunk running fn over `x` in micro-batches of `size` samples (outputs concatenated):
-    `pyeff.dynamic.modules.run_micro_batched`, which says why that is faster on CPUs."""
-    from pyeff.dynamic.modules import run_micro_batched
-
-    return lambda: run_micro_batched(fn, x, size)
+    """A thunk running fn over `x` in micro-batches of `size` samples, outputs concatenated (for an
+    fn that treats samples independently: inference). On CPUs a batch's activations (8 MB at
+    128 x 16 x 32 x 32) fall out of the caches and each fresh one is faulted in again; a whole
+    network run on 32 samples at a time keeps them resident (a 2-core AMD EPYC: the folded dense
+    ResNet-38 140 -> 78 ms at batch 128)."""
+    chunks = x.split(size) if size is not None and 0 < size < x.shape[0] else (x,)
+    if len(chunks) == 1:
+        return lambda: fn(x)
+    return lambda: torch.cat([fn(c) for c in chunks])
 
 
 def dense_baselines(model: torch.nn.Module, x: torch.Tensor, label: str, compile: bool = True,
