@@ -109,7 +109,7 @@ class RecurrentGate(nn.Module):
         if self.training and self.mode == "sample":
             decisions = torch.multinomial(probs.detach(), 1).squeeze(1)
         else:
-            decisions = probs.argmax(dim=1)
+            decisions = logits.argmax(dim=1)  # == probs.argmax, and exactly the inference path's
         hard = F.one_hot(decisions, self.num_choices).to(probs.dtype)
         return GateOutput(decisions, straight_through(hard, probs), probs)
 
