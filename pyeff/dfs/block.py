@@ -224,12 +224,12 @@ class DFSBlock(DynamicBlock):
             f = ctl.forced
             decisions = (f[:, self.index] if f.dim() == 2 else f[self.index].expand(x.shape[0])).to(x.device)
         ctl.decisions.append(decisions)
-        if ctl.training or torch.is_grad_enabled():  # the cost carries the gate's gradient
-            weights = g.weights if ctl.forced is None else straight_through(
-                F.one_hot(decisions, len(self.bits)).to(g.probs.dtype), g.probs)
-            ctl.block_costs.append(weights @ ctl.costs.to(weights.dtype))
-        else:
-            weights = None
+        if not (ctl.training or torch.is_grad_enabled()):  # inference: the cost is a table lookup
             ctl.block_costs.append(ctl.costs[decisions])
+            return self.execute(x, decisions, None, False, ctl.execution, inplace=ctl.inplace_skip)
+        # the cost carries the gate's gradient
+        weights = g.weights if ctl.forced is None else straight_through(
+            F.one_hot(decisions, len(self.bits)).to(g.probs.dtype), g.probs)
+        ctl.block_costs.append(weights @ ctl.costs.to(weights.dtype))
         use_w = weights if (ctl.training and torch.is_grad_enabled()) else None
         return self.execute(x, decisions, use_w, ctl.training, ctl.execution, inplace=ctl.inplace_skip)

@@ -56,10 +56,10 @@ def route(x: Tensor, decisions: Tensor, paths: Sequence[Callable[[Tensor], Tenso
         k = int(decisions[0])
         if not 0 <= k < num_choices:
             raise ValueError(f"a decision is outside [0, num_choices={num_choices})")
-        out = paths[k](x, *extras)
-        return out if weights is None else out * _expand(weights[:, k], out)
-    groups = group_indices(decisions.to(torch.int64), num_choices)
-    active = [k for k, g in enumerate(groups) if g is not None]
+        active = [k]
+    else:
+        groups = group_indices(decisions.to(torch.int64), num_choices)
+        active = [k for k, g in enumerate(groups) if g is not None]
     if len(active) == 1:  # the whole batch took one path
         k = active[0]
         out = paths[k](x, *extras)
