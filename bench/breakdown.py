@@ -15,8 +15,6 @@ taken off after), so the timed runs carry no instrumentation.
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -91,11 +89,7 @@ def breakdown(fn, net: nn.Module, rounds: int = 10) -> dict:
     with torch.no_grad():
         for _ in range(3):
             fn()
-        walls = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            fn()
-            walls.append(time.perf_counter() - t0)
+        wall = harness.median_seconds(fn) * 1e3
         with _scopes(net), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 fn()
@@ -109,7 +103,6 @@ def breakdown(fn, net: nn.Module, rounds: int = 10) -> dict:
                 cat = SCOPES[p.name]
             p = p.cpu_parent
         totals[cat or _category(e.name)] += e.self_cpu_time_total / 1e3 / rounds
-    wall = statistics.median(walls) * 1e3
     totals["Python and dispatch (wall - ops)"] = max(0.0, wall - sum(totals.values()))
     return {"wall": wall, **totals}
 
@@ -124,69 +117,50 @@ def rows_of(label: str, b: dict) -> list:
     return rows
 
 
-def _block_inputs(blocks, forward) -> dict:
-    """{block index: a copy of its input} from one run of `forward`."""
-    inputs = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].clone()))
-             for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
-
-
 def compute_only(compile: bool = True, rounds: int = 15) -> list:
     """The measured ceiling of per-group execution at batch 128: each net's whole forward against
     the same work with deciding and routing taken away (the static stem and first block, plus each
     block's executed paths run on groups gathered beforehand: no gate, grouping, gather or scatter),
     all beside the dense deployment variants, round-robin in one run."""
-    from pyeff.bench.ddi import MIXES, QUARTER, _draw, convert as ddi_convert
-    from pyeff.bench.dfs import _setup
+    from pyeff.bench.ddi import MIXES, QUARTER, _draw, _rows as ddi_rows, convert as ddi_convert
+    from pyeff.bench.dfs import _rows as dfs_rows, _setup
+    from pyeff.dynamic.modules import module_inputs
     from pyeff.dynamic.router import gather_rows, group_indices
+
+    def inputs_of(n, forward):  # each block's input, channels_last (copies: skips write in place)
+        with torch.no_grad():
+            got = module_inputs(n.blocks, forward, clone=True)
+        return [(blk, got[blk].contiguous(memory_format=torch.channels_last)) for blk in n.blocks]
 
     dense, x, net, dec = _setup(128)
     x = x.contiguous(memory_format=torch.channels_last)
     d = dec["B (skip/8/32)"]
-
-    def dfs_full():
-        with net.fixed_decisions(d):
-            return net(x)
-    work = []
-    for i, x_in in _block_inputs(net.blocks, dfs_full).items():
-        blk = net.blocks[i]
+    dfs_full = lambda: dfs_rows(net, x, d)(0, 128)  # noqa: E731
+    work = []  # (block, choice, its group's input)
+    for i, (blk, x_in) in enumerate(inputs_of(net, dfs_full)):
         for k, idx in enumerate(group_indices(d[:, i], len(blk.bits))):
             if idx is not None and blk.bits[k] != 0:
-                work.append((blk, k, gather_rows(x_in.contiguous(memory_format=torch.channels_last), idx)))
+                work.append((blk, k, gather_rows(x_in, idx)))
 
     dnet = ddi_convert(dense).eval()
     ex, ch = _draw(dnet, 128, *MIXES[QUARTER])
-
-    def ddi_full():
-        with dnet.forced(execute=ex, channels=ch):
-            return dnet(x)
-    dwork = []
-    for i, x_in in _block_inputs(dnet.blocks, ddi_full).items():
+    ddi_full = lambda: ddi_rows(dnet, x, (ex, ch))(0, 128)  # noqa: E731
+    dwork = []  # (block, its executed samples' input, their channel masks)
+    for i, (blk, x_in) in enumerate(inputs_of(dnet, ddi_full)):
         idx = ex[:, i].nonzero().flatten()
         if idx.numel():
-            dwork.append((dnet.blocks[i], gather_rows(x_in.contiguous(memory_format=torch.channels_last), idx),
-                          ch[i].index_select(0, idx)))
-
-    def paths_of(w, n):
-        if n is net:
-            return lambda: [blk.paths("engine")[k](xg) for blk, k, xg in w]
-        return lambda: [blk.exec_path(xg, None, h, False, None) for blk, xg, h in w]
+            dwork.append((blk, gather_rows(x_in, idx), ch[i].index_select(0, idx)))
 
     def static(n):
         return lambda: n.model.layer1[0](n.model.stem(x))
     base = harness.dense_baselines(dense, x, "float32 ResNet-38", compile=compile)
     fns = {**base,
            "DFS mix B: whole forward": dfs_full, "DFS mix B: static stem + first block": static(net),
-           "DFS mix B: executed paths on groups gathered beforehand": paths_of(work, net),
+           "DFS mix B: executed paths on groups gathered beforehand":
+               lambda: [blk.paths("engine")[k](xg) for blk, k, xg in work],
            f"DDI {QUARTER}: whole forward": ddi_full, f"DDI {QUARTER}: static stem + first block": static(dnet),
-           f"DDI {QUARTER}: executed paths on groups gathered beforehand": paths_of(dwork, dnet)}
+           f"DDI {QUARTER}: executed paths on groups gathered beforehand":
+               lambda: [blk.exec_path(xg, None, h, False, None) for blk, xg, h in dwork]}
     with torch.no_grad():
         med = harness.interleaved_medians(fns, rounds=rounds, settle=1)
     best_name, best = harness.best_dense(med, base)

@@ -51,20 +51,20 @@ def _setup(batch: int = 128):
     return dense, torch.randn(batch, 3, 32, 32), convert(dense).eval()
 
 
-def _row(draw, i: int, n: int = 1):
+def _rows(net, x, draw):
+    """rows(i, n=1): the net on samples i..i+n of x with their rows of the decisions `draw`."""
     ex, ch = draw
-    return ex[i:i + n], None if ch is None else [c[i:i + n] for c in ch]
+
+    def rows(i, n=1):
+        with net.forced(execute=ex[i:i + n], channels=None if ch is None else [c[i:i + n] for c in ch]):
+            return net(x[i:i + n])
+    return rows
 
 
 def ddi_quarter(batch: int = 128):
     """(net, fn): DDI at the QUARTER mix (batch 1: harness.REQUESTS requests in sequence)."""
     _, x, net = _setup(128)
-    draw = _draw(net, 128, *MIXES[QUARTER])
-
-    def one(i, n=1):
-        ex, ch = _row(draw, i, n)
-        with net.forced(execute=ex, channels=ch):
-            return net(x[i:i + n])
+    one = _rows(net, x, _draw(net, 128, *MIXES[QUARTER]))
     return net, (lambda: one(0, batch)) if batch > 1 else harness.requests(one)
 
 
@@ -129,12 +129,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
                      "x vs papers' execution": t_ref / sec})
         print(rows[-1], flush=True)
     # batch 1: single-image requests, each with its own row of the QUARTER mix's decisions
-    draw = draws[QUARTER]
-
-    def request(i):
-        ex, ch = _row(draw, i)
-        with net.forced(execute=ex, channels=ch):
-            return net(x[i:i + 1])
+    request = _rows(net, x, draws[QUARTER])
     with torch.no_grad():
         c1 = torch.cat([request(i)[1]["cost"] for i in range(harness.REQUESTS)])
     b1_name = f"DDI {QUARTER}, batch 1"

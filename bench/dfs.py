@@ -61,14 +61,18 @@ def _setup(batch: int = 128):
     return dense, x, net, dec
 
 
+def _rows(net, x, d):
+    """rows(i, n=1): the net on samples i..i+n of x with their rows of the decisions d."""
+    def rows(i, n=1):
+        with net.fixed_decisions(d[i:i + n]):
+            return net(x[i:i + n])
+    return rows
+
+
 def dfs_mix_b(batch: int = 128):
     """(net, fn): DFS at mix B on a channels_last batch (batch 1: harness.REQUESTS requests in sequence)."""
     _, x, net, dec = _setup(128)
-    x, d = x.contiguous(memory_format=torch.channels_last), dec["B (skip/8/32)"]
-
-    def one(i, n=1):
-        with net.fixed_decisions(d[i:i + n]):
-            return net(x[i:i + n])
+    one = _rows(net, x.contiguous(memory_format=torch.channels_last), dec["B (skip/8/32)"])
     return net, (lambda: one(0, batch)) if batch > 1 else harness.requests(one)
 
 
@@ -125,11 +129,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir=None, keep_memory: boo
                      "x vs reference": (med[ref_paper] if PAPER in name else t_ref) / sec})
         print(rows[-1], flush=True)
     # batch 1: single-image requests, each with its own row of mix B's decisions
-    xcl_b, d_b = xcl, dec["B (skip/8/32)"]
-
-    def request(i):
-        with net.fixed_decisions(d_b[i:i + 1]):
-            return net(xcl_b[i:i + 1])
+    request = _rows(net, xcl, dec["B (skip/8/32)"])
     with torch.no_grad():
         pct1 = 100 * float(torch.stack([request(i)[1]["cost"] for i in range(harness.REQUESTS)]).mean())
     b1_name = "DFS mix B (skip/8/32), batch 1"

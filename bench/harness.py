@@ -123,8 +123,8 @@ def interleaved_medians(fns: dict, rounds: int, settle: int = 0) -> dict:
 
 
 # the dense network as a user would deploy it: one builder, shared with `pyeff reproduce`
-from pyeff.experiments.measure import (DENSE_CL, DENSE_COMPILED, DENSE_FOLDED, DENSE_FROZEN,  # noqa: E402,F401
-                                       DENSE_NCHW, MICRO_BATCH, dense_baselines, micro_batched)
+from pyeff.experiments.measure import (DENSE_CL, DENSE_COMPILED, DENSE_FOLDED, DENSE_NCHW,  # noqa: E402,F401
+                                       dense_baselines)
 
 
 def best_dense(medians: dict, baselines: dict) -> tuple[str, float]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pyeff.ddi.config import UNITS
+from pyeff.dynamic.modules import module_inputs
 from pyeff.energy import EnergyModel
 
 UNIT_LABELS = {"flops": "FLOPs / sample", "energy": "pJ / sample", "latency": "ms / sample"}
@@ -167,16 +168,13 @@ def _latency_table(net, x: Tensor, repeats: int) -> CostTable:
     half per sample); the two points give c0 + c1 r."""
     was = net.training
     net.eval()
-    inputs: dict[nn.Module, Tensor] = {}
     stem, stages, head = net.parts
     watched = [stem, head, *net.exits, *net.blocks] + [m for s in stages for m in s.children()]
-    hooks = [m.register_forward_pre_hook(lambda m, i: inputs.__setitem__(m, i[0])) for m in watched]
-    try:
+
+    def run():
         with net.all_open():
             net.eval_all_exits(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    inputs = module_inputs(watched, run)
     n = x.shape[0]
 
     def per_sample(fn) -> float:

@@ -29,6 +29,22 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def module_inputs(modules, run: Callable[[], object], clone: bool = False) -> dict:
+    """{module: the (first) input it received} during one call of `run()`, through forward
+    pre-hooks removed afterwards; `clone`: copies, for inputs a later in-place op overwrites."""
+    inputs = {}
+
+    def keep(m, args):
+        inputs[m] = args[0].clone() if clone else args[0]
+    hooks = [m.register_forward_pre_hook(keep) for m in modules]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 @contextlib.contextmanager
 def swapped(obj, **values):
     """Within the block, obj.<name> = value for each keyword; the old values come back after."""
