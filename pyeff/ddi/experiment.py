@@ -37,7 +37,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
     from pyeff.ddi.model import convert
     from pyeff.ddi.prune import prune_to_flops
     from pyeff.ddi.recipe import DEFAULT_BETA, DDIHook
-    from pyeff.experiments.measure import best_dense_latency, latency_on
+    from pyeff.experiments.measure import accuracy_percent, best_dense_latency, latency_on
     from pyeff.train.phases import float_phase, load_subsets, recipe_config, sgd
     from pyeff.dynamic import module_flops
     from pyeff.train import TrainConfig, run_training
@@ -84,7 +84,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
                      "speed-up vs best dense": best_ms / ms})
         print(f"   {method} {setting}: {rows[-1]}", flush=True)
 
-    add("dense float", "", 100.0, _accuracy(base, test_loader), base)
+    add("dense float", "", 100.0, accuracy_percent(base, test_loader), base)
 
     def train_net(net, target, name, beta_=beta):
         cfg = TrainConfig(epochs=P["ddi_epochs"], lr=P["ddi_lr"], out_dir=os.path.join(out_dir, name), **common)
@@ -112,7 +112,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
         slim = run_training(cfg, model=slim, data=data, verbose=False,
                             optimizer=sgd(slim.parameters(), P["ddi_lr"])).model.cpu().eval()
         flops = 100 * module_flops(slim, x_time[:1]) / dense_flops
-        add("static channel pruning", f"keep {100 * keep:.0f}% of inner channels", flops, _accuracy(slim, test_loader),
+        add("static channel pruning", f"keep {100 * keep:.0f}% of inner channels", flops, accuracy_percent(slim, test_loader),
             slim)
 
     # resource-dependent halting alone: the float network with exits, no gates
@@ -135,7 +135,7 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", beta=None, t
                           "ms / image": ms})
             print(f"   budget {b}: {sweep[-1]}", flush=True)
             net.set_budget(None)
-    dense_report = _accuracy(base, report_loader)
+    dense_report = accuracy_percent(base, report_loader)
 
     plot = os.path.join(out_dir, "ddi_curve.png")
     _plot(rows, sweep, dense_report, plot)
@@ -213,13 +213,6 @@ def _claims(rows, sweep, within_budget) -> list:
     return out
 
 
-def _accuracy(model, loader) -> float:
-    """Top-1 % of `model` (eval mode, no grad) over `loader`."""
-    from pyeff.experiments.measure import accuracy_percent
-
-    return accuracy_percent(model, loader)
-
-
 def _plot(rows, sweep, dense_acc, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -289,6 +282,7 @@ def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", target=2
     from pyeff.data import BatchLoader
     from pyeff.ddi.model import convert
     from pyeff.ddi.recipe import DEFAULT_BETA, DEFAULT_EXIT_WEIGHT, DDIHook
+    from pyeff.experiments.measure import accuracy_percent
     from pyeff.train import TrainConfig, run_training
     from pyeff.train.phases import float_phase, load_subsets, recipe_config, sgd
 
@@ -316,7 +310,7 @@ def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", target=2
         ev = t.model.cpu().eval().evaluate(loader)
         rows.append({"recipe": name, "epochs": epochs, "FLOPs %": ev["cost_pct"], "accuracy %": 100 * ev["accuracy"]})
         print(f"   {rows[-1]}", flush=True)
-    dense = _accuracy(base, loader)
+    dense = accuracy_percent(base, loader)
     return {"summary": {"target FLOPs %": target, "model": P["model"], "dense accuracy %": dense}, "table": rows,
             "notes": "Each recipe changes one thing of the default and starts from the same cached float baseline; "
                      "accuracy on the full test set."}

@@ -64,10 +64,10 @@ def run(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", configs=None
     import torch
 
     from pyeff.e2train.recipe import E2Train
-    from pyeff.experiments.measure import accuracy_percent
     from pyeff.e2train.slu import SLUConfig
     from pyeff.e2train.smd import SMDHook
     from pyeff.energy import EnergyModel
+    from pyeff.experiments.measure import accuracy_percent
     from pyeff.models import create_model
     from pyeff.train import TrainConfig, run_training
     from pyeff.train.phases import float_phase, load_subsets, recipe_config

@@ -111,7 +111,7 @@ def _one_network(label, name, kw, common, data, P, out_dir):
 
     from pyeff.e2train.experiment import _dense_energy_per_sample
     from pyeff.energy import EnergyModel
-    from pyeff.experiments.measure import accuracy_percent as _accuracy, count_flops
+    from pyeff.experiments.measure import accuracy_percent, count_flops
     from pyeff.prune import slim
     from pyeff.train import TrainConfig, run_training
 
@@ -131,7 +131,7 @@ def _one_network(label, name, kw, common, data, P, out_dir):
     images = len(train_set)
     x1 = torch.zeros(1, *shape)
     dense_flops = count_flops(dense, x1.shape)
-    unpruned = _accuracy(dense, test_set)
+    unpruned = accuracy_percent(dense, test_set)
     rows = [{"network": label, "method": "unpruned", "ratio": 0.0, "accuracy %": unpruned, "FLOPs %": 100.0,
              "params": sum(p.numel() for p in dense.parameters()), "dense epochs": E, "slim epochs": 0,
              "ticket epoch": None, "training energy (J)": dense_j * images * E,
@@ -167,7 +167,7 @@ def _one_network(label, name, kw, common, data, P, out_dir):
                 small = str_.model.cpu()
             else:
                 slim_s = 0.0
-            acc = _accuracy(small.eval(), test_set)
+            acc = accuracy_percent(small.eval(), test_set)
             row = {"network": label, "method": method, "ratio": r, "accuracy %": acc,
                    "FLOPs %": 100 * flops / dense_flops, "params": sum(p.numel() for p in small.parameters()),
                    "dense epochs": dense_epochs, "slim epochs": epochs, "ticket epoch": t,
@@ -218,7 +218,7 @@ RECIPES = {"paper: s=1e-4, lr 0.1, step schedule": {},
                                           "when each ticket is drawn",
                      claims=lambda result: recipe_claims(result))
 def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=None, **overrides) -> dict:
-    from pyeff.experiments.measure import accuracy_percent as _accuracy
+    from pyeff.experiments.measure import accuracy_percent
     from pyeff.train.phases import load_subsets, recipe_config
 
     P = _params(quick, overrides, threads)
@@ -230,7 +230,7 @@ def recipes(out_dir, quick, data_dir=None, seed=0, *, dataset="shapes", threads=
         print(f"== recipe {label}", flush=True)
         tr, eb = _search("vgg16", {"width": P["vgg_width"]}, common, data, os.path.join(out_dir, f"recipe-{i}"),
                          epochs=E, lr=P["lr"], window=P["window"], milestones=_milestones(E), verbose=False, **change)
-        row = {"recipe": label, "accuracy %": _accuracy(tr.model.eval(), data[1]), "epochs": E}
+        row = {"recipe": label, "accuracy %": accuracy_percent(tr.model.eval(), data[1]), "epochs": E}
         for r in RATIOS:
             row[f"ticket epoch p={r:g}"] = eb.drawn.get(r)
         rows.append(row)
